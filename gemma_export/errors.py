@@ -1,0 +1,31 @@
+"""The error hierarchy. Every user-facing failure is one of these; the CLI turns
+them into one line on stderr and an exit code (see cli.py). Internal invariants
+use `assert`, never these."""
+
+
+class GemmaExportError(Exception):
+    """Base class: a failure the user can act on. The message is one line."""
+
+    exit_code = 1
+
+
+class CheckpointError(GemmaExportError):
+    """A checkpoint (directory, safetensors, GGUF, preset name) cannot be loaded."""
+
+
+class ExportError(GemmaExportError):
+    """Tracing or writing an artifact failed."""
+
+
+class ArtifactError(GemmaExportError):
+    """A directory is not a valid artifact (missing files, bad checksums, bad manifest)."""
+
+
+class RuntimeConfigError(GemmaExportError):
+    """Bad runtime options: provider, sampling numbers, prompt too long, ..."""
+
+
+class ParityError(GemmaExportError):
+    """An artifact missed a parity threshold. Its own exit code so scripts can tell."""
+
+    exit_code = 3
