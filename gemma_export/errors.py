@@ -26,6 +26,11 @@ class RuntimeConfigError(GemmaExportError):
 
 
 class ParityError(GemmaExportError):
-    """An artifact missed a parity threshold. Its own exit code so scripts can tell."""
+    """An artifact missed a parity threshold. Its own exit code so scripts can tell.
+    `result` carries the full report so the CLI can still print the table."""
 
     exit_code = 3
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result

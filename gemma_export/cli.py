@@ -1,0 +1,246 @@
+"""The `gemma-export` command. Thin: each command parses, calls one library function,
+prints. stdout carries the result only (a table, text, or with --json one JSON object);
+progress goes to stderr. Errors the user can act on print one line, `Error: ...`, on
+stderr and exit non-zero (usage 2, failure 1, parity miss 3); GEMMA_EXPORT_DEBUG=1 shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gemma_export import __version__
+from gemma_export.errors import GemmaExportError, ParityError
+
+app = typer.Typer(
+    name="gemma-export",
+    help="Export Gemma models to ONNX with a KV cache, prove parity with PyTorch, and run them on ONNX Runtime.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gemma-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Export Gemma models to ONNX with a KV cache, prove parity with PyTorch, and run them on ONNX Runtime."""
+
+
+def _progress(json_out: bool):
+    from gemma_export.progress import Progress
+
+    return Progress(enabled=not json_out)
+
+
+def _emit(obj: dict, json_out: bool, text: str | None) -> None:
+    if json_out:
+        typer.echo(json.dumps(obj, default=str))
+    elif text is not None:
+        typer.echo(text)
+
+
+# -- export / verify ---------------------------------------------------------------------------
+
+
+@app.command()
+def export(
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="Checkpoint directory, .gguf file or preset name. Default: the bundled real Gemma 3 270M."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = ...,
+    precision: Annotated[str, typer.Option(help="fp32 (reference graph).")] = "fp32",
+    max_length: Annotated[
+        Optional[int], typer.Option(help="Context length the artifact advertises (default: the model's).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity after export.")] = True,
+    steps: Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
+) -> None:
+    """Export MODEL to an ONNX artifact with a KV cache, then verify parity with PyTorch."""
+    from gemma_export.exporter.pipeline import export_artifact
+    from gemma_export.exporter.precision import Precision
+
+    prec = _choice(Precision, precision, "--precision")
+    if steps < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--steps")
+    res = export_artifact(
+        model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
+        progress=_progress(json_out),
+    )
+    text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
+    if res["parity_table"]:
+        text = res["parity_table"] + "\n" + text
+    _emit(res, json_out, text)
+
+
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `export`.")],
+    model: Annotated[
+        Optional[str], typer.Option(help="Source model to compare with (default: the one the manifest names).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Greedy decode steps compared.")] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
+) -> None:
+    """Check an artifact's checksums and its parity with the PyTorch model; writes parity.json."""
+    from gemma_export.exporter.pipeline import verify_dir
+
+    if steps < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--steps")
+    res = verify_dir(artifact, model, steps=steps, progress=_progress(json_out))
+    _emit(res, json_out, res["parity_table"])
+
+
+# -- generate ----------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    prompt: Annotated[
+        Optional[list[str]], typer.Argument(help="Prompt text(s); '-' or none reads stdin. Several make a batch.")
+    ] = None,
+    prompt_file: Annotated[
+        Optional[Path], typer.Option("--prompt-file", "-f", help="File with one prompt per line (a batch).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (reproducible output).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat turn format.")] = False,
+    provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no streaming.")] = False,
+) -> None:
+    """Generate text with an exported artifact on ONNX Runtime (streams for one prompt)."""
+    from gemma_export.runtime.generate import load_generator
+    from gemma_export.runtime.generate import SamplingConfig
+
+    prompts = _read_prompts(prompt, prompt_file)
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
+    )
+    cfg.validate()
+    gen = load_generator(artifact, provider=provider, threads=threads)
+    if not json_out:
+        typer.echo(f"provider: {gen.session.provider.value}", err=True)
+    stream = not json_out and len(prompts) == 1
+    on_text = (lambda _b, t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
+    res = gen.generate(prompts, cfg, chat=chat, on_text=on_text)
+    if stream:
+        sys.stdout.write("\n")
+    obj = {
+        "provider": res.provider,
+        "results": [
+            {"prompt": p, "text": t, "finish_reason": r, "prompt_tokens": n, "new_tokens": len(ids)}
+            for p, t, r, n, ids in zip(prompts, res.texts, res.finish_reasons, res.prompt_tokens, res.token_ids)
+        ],
+        "seconds_to_first_token": round(res.seconds_to_first_token, 4),
+        "decode_tokens_per_second": round(res.decode_tokens_per_second, 2),
+    }
+    if json_out:
+        _emit(obj, True, None)
+    elif not stream:
+        for p, t in zip(prompts, res.texts):
+            typer.echo(f"### {p}\n{t}\n")
+    if not json_out:
+        typer.echo(
+            f"[{sum(len(i) for i in res.token_ids)} tokens, first after {res.seconds_to_first_token:.2f} s, "
+            f"{res.decode_tokens_per_second:.1f} tok/s]",
+            err=True,
+        )
+
+
+def _read_prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
+    if prompt_file is not None:
+        if prompt:
+            raise typer.BadParameter("give prompts as arguments or --prompt-file, not both", param_hint="--prompt-file")
+        try:
+            lines = [ln.rstrip("\n") for ln in prompt_file.read_text().splitlines()]
+        except OSError as e:
+            raise typer.BadParameter(f"cannot read {prompt_file}: {e.strerror}", param_hint="--prompt-file") from e
+        prompts = [ln.replace("\\n", "\n") for ln in lines if ln.strip()]
+    elif not prompt or prompt == ["-"]:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise typer.BadParameter("no prompt given (pass text, '-' for stdin, or --prompt-file)", param_hint="PROMPT")
+        prompts = [sys.stdin.read()]
+    else:
+        prompts = list(prompt)
+    if not prompts or any(not p for p in prompts):
+        raise typer.BadParameter("empty prompt", param_hint="PROMPT")
+    return prompts
+
+
+def _choice(enum_cls, value: str, hint: str):
+    try:
+        return enum_cls(value)
+    except ValueError:
+        known = ", ".join(e.value for e in enum_cls)
+        raise typer.BadParameter(f"{value!r} is not one of {known}", param_hint=hint) from None
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script: one place that turns exceptions into messages and exit codes."""
+    import click
+
+    debug = bool(os.environ.get("GEMMA_EXPORT_DEBUG"))
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="gemma-export")
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:  # usage errors: Click's own message, exit 2
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        typer.echo("Interrupted.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        return 130
+    except GemmaExportError as e:
+        if debug:
+            raise
+        if isinstance(e, ParityError) and e.result and e.result.get("parity_table"):
+            typer.echo(e.result["parity_table"])  # the table is the result, even when it fails
+        typer.echo(f"Error: {e}", err=True)
+        return e.exit_code
+    except MemoryError:
+        if debug:
+            raise
+        typer.echo("Error: out of memory", err=True)
+        return 1
+
+
+def _console() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _console()

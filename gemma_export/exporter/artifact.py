@@ -1,0 +1,96 @@
+"""The artifact directory: what it holds, and writing it atomically.
+
+    out/
+      model.onnx, model.onnx.data     the decoder graph and its weights
+      manifest.json                   config, precision, I/O spec, checksums, versions, parity
+      parity.json                     the full verify report (written by verify)
+      tokenizer.model                 SentencePiece (copied, or built from a GGUF vocabulary)
+      config.json, generation_config.json   for clients that read a Hugging Face model folder
+
+Everything is built in a hidden sibling directory and renamed onto `out` at the end, so
+an error or Ctrl-C leaves nothing at `out` (and an old artifact replaced with --force
+stays whole until the new one is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from gemma_export import __version__
+from gemma_export.errors import ExportError
+from gemma_export.runtime.manifest import FORMAT_VERSION, MANIFEST, sha256_file
+
+PARITY_FILE = "parity.json"
+TOKENIZER_FILE = "tokenizer.model"
+# Not checksummed: the manifest itself, and the parity report verify may rewrite.
+_UNLISTED = {MANIFEST, PARITY_FILE}
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse what would clobber or cannot be written, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: directory is not empty (pass --force to replace it)")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: parent directory {parent} is not writable")
+
+
+@contextmanager
+def staging_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Yield an empty sibling directory; on success rename it onto `out`, on any error
+    (KeyboardInterrupt included) remove it."""
+    check_out_dir(out, force)
+    parent = out.absolute().parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create a directory beside it ({e.strerror})") from e
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            out.rename(old / "artifact")
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_table(d: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name not in _UNLISTED
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"gemma-export": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "gguf", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a JSON file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

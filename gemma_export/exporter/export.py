@@ -1,0 +1,301 @@
+"""PyTorch -> ONNX: one decoder graph with a KV cache, serving prefill and decode.
+
+    export_onnx(model, dir)  ->  dir/model.onnx + dir/model.onnx.data (fp32 reference graph)
+
+We trace with torch.onnx's dynamo exporter (torch.export underneath: no Python-level
+control flow is baked in silently, and every dim we mark stays symbolic, past length 0
+included). The graph uses plain ONNX ops at opset 18, which every ONNX Runtime since
+1.14 and other ONNX consumers run, and which keeps sliding windows, soft-capping and
+left padding exactly as models/gemma.py writes them. ORT-specific fusions
+(GroupQueryAttention, SimplifiedLayerNormalization, ...) are rewrites on top of this
+graph (exporter/optimize.py), never a different trace.
+
+After tracing, three rewrites make the graph match DESIGN.md's contract:
+  1. I/O dims get the contract's names (batch_size, sequence_length, ...).
+  2. The tied LM head reads the one embedding initializer through Gemm(transB=1); the
+     exporter emits MatMul(Transpose(W)), which ONNX Runtime would constant-fold into a
+     second 262144-row copy at load time.
+  3. Nodes and weights are named after the module they came from
+     (/model/layers.3/self_attn/q_proj/MatMul), read from the exporter's name scopes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from gemma_export.errors import ExportError
+from gemma_export.models.config import GemmaConfig
+from gemma_export.models.gemma import GemmaForCausalLM
+
+OPSET = 18
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EMBED_WEIGHT = "model.embed_tokens.weight"
+
+# Symbolic dim names of the contract (the names onnxruntime-genai and Optimum read).
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def input_names(cfg: GemmaConfig) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + kv_names(cfg, "past_key_values")
+
+
+def output_names(cfg: GemmaConfig) -> list[str]:
+    return ["logits"] + kv_names(cfg, "present")
+
+
+def kv_names(cfg: GemmaConfig, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{t}" for i in range(cfg.num_hidden_layers) for t in ("key", "value")]
+
+
+def io_spec(cfg: GemmaConfig, kv_dtype: str = "float32", logits_dtype: str = "float32") -> dict:
+    """The I/O contract as data: name -> (dtype, dims). Written to the manifest and
+    checked against the graph by the tests, so it cannot drift silently."""
+    kv_in = [BATCH, cfg.num_key_value_heads, PAST, cfg.head_dim]
+    kv_out = [BATCH, cfg.num_key_value_heads, TOTAL, cfg.head_dim]
+    inputs = {
+        "input_ids": ("int64", [BATCH, SEQ]),
+        "attention_mask": ("int64", [BATCH, TOTAL]),
+        "position_ids": ("int64", [BATCH, SEQ]),
+        **{n: (kv_dtype, kv_in) for n in kv_names(cfg, "past_key_values")},
+    }
+    outputs = {
+        "logits": (logits_dtype, [BATCH, SEQ, cfg.vocab_size]),
+        **{n: (kv_dtype, kv_out) for n in kv_names(cfg, "present")},
+    }
+    return {
+        "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in inputs.items()},
+        "outputs": {k: {"dtype": d, "shape": s} for k, (d, s) in outputs.items()},
+    }
+
+
+class _Traceable(torch.nn.Module):
+    """Takes the cache as one list argument so torch.export sees a flat pytree."""
+
+    def __init__(self, model: GemmaForCausalLM):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        return self.m(input_ids, attention_mask, position_ids, tuple(past_key_values))
+
+
+@dataclass
+class ExportResult:
+    model_path: Path
+    op_histogram: dict[str, int]
+    num_nodes: int
+
+
+def export_onnx(model: GemmaForCausalLM, out_dir: Path) -> ExportResult:
+    """Trace `model` (fp32) into out_dir/model.onnx with weights in model.onnx.data."""
+    cfg = model.config
+    out_dir = Path(out_dir)
+    # Example sizes >= 2 so torch.export keeps every dim symbolic (it specialises 0 and 1).
+    B, S, P = 2, 3, 4
+    shape = (B, cfg.num_key_value_heads, P, cfg.head_dim)
+    past = [torch.zeros(shape) for _ in range(2 * cfg.num_hidden_layers)]
+    args = (
+        torch.zeros((B, S), dtype=torch.long),
+        torch.ones((B, P + S), dtype=torch.long),
+        torch.arange(P, P + S).repeat(B, 1),
+        past,
+    )
+    auto = torch.export.Dim.AUTO
+    dynamic = {
+        "input_ids": {0: auto, 1: auto},
+        "attention_mask": {0: auto, 1: auto},
+        "position_ids": {0: auto, 1: auto},
+        "past_key_values": [{0: auto, 2: auto} for _ in past],
+    }
+    raw = out_dir / MODEL_FILE
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                _Traceable(model).eval(),
+                args,
+                input_names=input_names(cfg),
+                output_names=output_names(cfg),
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=True,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(raw), external_data=True)
+    except Exception as e:  # torch.export raises many types; all mean "could not trace"
+        raise ExportError(f"tracing {cfg.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    del program
+
+    # Rewrite the graph structure only; the weights stay where the exporter wrote them.
+    proto = onnx.load(str(raw), load_external_data=False)
+    _rename_io_dims(proto, cfg)
+    _tie_lm_head(proto, cfg)
+    _name_nodes_and_weights(proto)
+    _relocate_external_data(proto, out_dir)
+    onnx.save(proto, str(raw))
+    hist = Counter(n.op_type for n in proto.graph.node)
+    return ExportResult(raw, dict(sorted(hist.items(), key=lambda kv: -kv[1])), len(proto.graph.node))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress lines and warnings of its own; ours is the progress bar."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("torch._export").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+# -- graph rewrites ------------------------------------------------------------------------
+
+
+def _set_dims(vi: onnx.ValueInfoProto, dims: list) -> None:
+    shape = vi.type.tensor_type.shape
+    assert len(shape.dim) == len(dims), (vi.name, len(shape.dim), dims)
+    for d, want in zip(shape.dim, dims):
+        if isinstance(want, str):
+            d.Clear()
+            d.dim_param = want
+        else:
+            assert d.dim_value == want, (vi.name, d, want)
+
+
+def _rename_io_dims(proto: onnx.ModelProto, cfg: GemmaConfig) -> None:
+    spec = io_spec(cfg)
+    for vi in proto.graph.input:
+        _set_dims(vi, spec["inputs"][vi.name]["shape"])
+    for vi in proto.graph.output:
+        _set_dims(vi, spec["outputs"][vi.name]["shape"])
+    # Intermediate shapes carry the exporter's own symbols (s3, s70 + s81): drop them,
+    # ONNX Runtime infers shapes itself and stale symbols only confuse readers.
+    del proto.graph.value_info[:]
+
+
+def _tie_lm_head(proto: onnx.ModelProto, cfg: GemmaConfig) -> None:
+    """MatMul(h, Transpose(E))  ->  Reshape(Gemm(Reshape(h, [-1, H]), E, transB=1), [B, S, V])."""
+    g = proto.graph
+    embed = next((i.name for i in g.initializer if _is_embedding(i, cfg)), None)
+    if embed is None:
+        raise ExportError("exported graph has no embedding initializer")
+    transposes = [n for n in g.node if n.op_type == "Transpose" and n.input[0] == embed]
+    if len(transposes) != 1:
+        raise ExportError(f"expected one transpose of the tied embedding, found {len(transposes)}")
+    tr = transposes[0]
+    users = [n for n in g.node if tr.output[0] in n.input]
+    if len(users) != 1 or users[0].op_type != "MatMul":
+        raise ExportError("the tied embedding transpose does not feed exactly one MatMul")
+    mm = users[0]
+    h, out = mm.input[0], mm.output[0]
+    p = "/lm_head"
+    new = [
+        helper.make_node("Shape", [h], [f"{p}/h_shape"], name=f"{p}/Shape", start=0, end=2),
+        helper.make_node("Concat", [f"{p}/h_shape", f"{p}/vocab"], [f"{p}/out_shape"], name=f"{p}/Concat", axis=0),
+        helper.make_node("Reshape", [h, f"{p}/flat_shape"], [f"{p}/h2d"], name=f"{p}/Reshape"),
+        helper.make_node("Gemm", [f"{p}/h2d", embed], [f"{p}/logits2d"], name=f"{p}/Gemm", transB=1),
+        helper.make_node("Reshape", [f"{p}/logits2d", f"{p}/out_shape"], [out], name=f"{p}/Reshape_1"),
+    ]
+    g.initializer.extend(
+        [
+            helper.make_tensor(f"{p}/vocab", TensorProto.INT64, [1], [cfg.vocab_size]),
+            helper.make_tensor(f"{p}/flat_shape", TensorProto.INT64, [2], [-1, cfg.hidden_size]),
+        ]
+    )
+    nodes = []
+    for n in g.node:
+        if n is mm:
+            nodes.extend(new)  # h is computed before mm and `out` used after: order holds
+        elif n is not tr:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    # The embedding initializer gets its checkpoint name.
+    _rename_value(proto, embed, EMBED_WEIGHT)
+
+
+def _is_embedding(init: onnx.TensorProto, cfg: GemmaConfig) -> bool:
+    return list(init.dims) == [cfg.vocab_size, cfg.hidden_size]
+
+
+def _rename_value(proto: onnx.ModelProto, old: str, new: str) -> None:
+    if old == new:
+        return
+    g = proto.graph
+    for i in g.initializer:
+        if i.name == old:
+            i.name = new
+    for n in g.node:
+        for k, x in enumerate(n.input):
+            if x == old:
+                n.input[k] = new
+
+
+def _scope(node: onnx.NodeProto) -> str | None:
+    """The innermost module path of a node, from the exporter's metadata, as
+    'model.layers.3.self_attn.q_proj' (None for nodes outside any submodule)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s.strip(" '\"") for s in p.value.strip("[]").split(",")]
+            modules = [s for s in scopes[:-1] if s.startswith("m.")]
+            return modules[-1][2:] if modules else None
+    return None
+
+
+def _scope_path(scope: str) -> str:
+    """'model.layers.3.self_attn.q_proj' -> '/model/layers.3/self_attn/q_proj'."""
+    parts, out = scope.split("."), []
+    i = 0
+    while i < len(parts):
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            out.append(f"{parts[i]}.{parts[i + 1]}")
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return "/" + "/".join(out)
+
+
+def _name_nodes_and_weights(proto: onnx.ModelProto) -> None:
+    g = proto.graph
+    inits = {i.name for i in g.initializer}
+    used: Counter[str] = Counter()
+    renames: dict[str, str] = {}
+    for n in g.node:
+        if n.name.startswith("/lm_head"):
+            continue
+        scope = _scope(n)
+        path = _scope_path(scope) if scope else ""
+        base = f"{path}/{n.op_type}"
+        name = base if used[base] == 0 else f"{base}_{used[base]}"
+        used[base] += 1
+        n.name = name
+        # Weight matrices (stored [in, out] by the exporter) take the module's name.
+        if n.op_type == "MatMul" and scope and n.input[1] in inits and n.input[1] not in renames:
+            renames[n.input[1]] = f"{scope}.MatMul.weight"
+        del n.metadata_props[:]  # stack traces of the tracing machine: noise in the artifact
+    for old, new in renames.items():
+        _rename_value(proto, old, new)
+
+
+def _relocate_external_data(proto: onnx.ModelProto, out_dir: Path) -> None:
+    """The exporter names the data file after the model file; make sure every external
+    reference is the relative DATA_FILE so the artifact loads from any directory."""
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location" and entry.value != DATA_FILE:
+                src = out_dir / entry.value
+                if src.exists() and not (out_dir / DATA_FILE).exists():
+                    src.rename(out_dir / DATA_FILE)
+                entry.value = DATA_FILE

@@ -1,0 +1,42 @@
+"""Precisions and the parity thresholds each must meet: one table, DESIGN.md's.
+
+Thresholds are never loosened to make a run pass; a miss is reported with the measured
+value beside the threshold and `verify` exits with ParityError's code.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # Logits vs the fp32 PyTorch model (None: not a criterion at this precision).
+    max_abs_diff: float | None
+    rel_l2: float | None
+    # Greedy top-1 agreement with the fp32 model over teacher-forced decode steps;
+    # 1.0 means every greedy token identical.
+    top1_agreement: float
+    # Self-consistency of the ONNX graph (prefill+decode vs one forward, batch vs alone),
+    # as relative L2 between the two ONNX results.
+    consistency_rel_l2: float
+    # Perplexity on the shipped text may rise by at most this fraction over fp32.
+    perplexity_increase: float | None
+
+
+THRESHOLDS: dict[Precision, Thresholds] = {
+    Precision.FP32: Thresholds(1e-3, 1e-4, 1.00, 1e-4, None),
+    Precision.FP16: Thresholds(None, 2e-2, 0.99, 2e-2, None),
+    Precision.BF16: Thresholds(None, 2e-2, 0.99, 2e-2, None),
+    Precision.INT8: Thresholds(None, None, 0.95, 2e-2, 0.05),
+    Precision.INT4: Thresholds(None, None, 0.90, 2e-2, 0.15),
+}

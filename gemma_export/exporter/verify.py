@@ -1,0 +1,207 @@
+"""Parity: the ONNX artifact against the fp32 PyTorch model it came from.
+
+For each fixed prompt:
+  1. PyTorch prefill, then greedy decode for `steps` tokens through its KV cache
+     (the reference logits and tokens);
+  2. ONNX prefill, then decode teacher-forced on the reference tokens, `present` fed back
+     as `past`: logits compared step by step, and ONNX's argmax compared with the
+     reference token (all equal <=> the greedy texts are identical);
+  3. ONNX one full forward over prompt + tokens vs its own prefill+decode;
+and once for all prompts left-padded into one ragged batch vs each prompt alone.
+Every metric is reported beside its threshold from precision.THRESHOLDS.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gemma_export.exporter.precision import THRESHOLDS, Precision
+from gemma_export.models.gemma import GemmaForCausalLM
+from gemma_export.progress import NULL, Progress
+from gemma_export.runtime.session import DecoderSession
+
+# Fixed prompts for models with a tokenizer; random-weight presets use seeded ids
+# whose lengths straddle the tiny presets' sliding window (8).
+TEXT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+)
+RANDOM_PROMPT_LENGTHS = (5, 11, 19)
+BATCH_STEPS = 8  # decode steps checked for the ragged batch
+
+
+@dataclass
+class Metric:
+    name: str
+    measured: float
+    threshold: float
+    op: str  # "<=" or ">="
+    passed: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = float(self.measured)
+        self.passed = bool(np.isfinite(m) and (m <= self.threshold if self.op == "<=" else m >= self.threshold))
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    passed: bool
+    metrics: list[Metric]
+    prompts: list[int]  # prompt lengths
+    steps: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def make_prompts(vocab_size: int, encode=None, seed: int = 1234) -> list[list[int]]:
+    if encode is not None:
+        return [list(encode(t)) for t in TEXT_PROMPTS]
+    rng = np.random.default_rng(seed)
+    # Skip ids 0..3 (pad/eos/bos/unk) so a prompt never ends itself early.
+    return [[2] + rng.integers(4, vocab_size, n - 1).tolist() for n in RANDOM_PROMPT_LENGTHS]
+
+
+@torch.no_grad()
+def torch_greedy(model: GemmaForCausalLM, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """Reference: prefill logits [S, V] + `steps` decode rows -> ([S + steps, V], tokens)."""
+    ids = torch.tensor([prompt])
+    n = len(prompt)
+    logits, cache = model(ids, torch.ones_like(ids), torch.arange(n)[None], model.empty_cache(1))
+    rows, tokens = [logits[0]], []
+    for _ in range(steps):
+        tok = int(rows[-1][-1].argmax())
+        tokens.append(tok)
+        pos = cache[0].shape[2]
+        logits, cache = model(
+            torch.tensor([[tok]]), torch.ones((1, pos + 1), dtype=torch.long), torch.tensor([[pos]]), cache
+        )
+        rows.append(logits[0])
+    return torch.cat(rows).numpy(), tokens
+
+
+def onnx_teacher_forced(sess: DecoderSession, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """ONNX prefill + one decode step per reference token (all but the last) -> [S + steps, V]."""
+    n = len(prompt)
+    ids = np.array([prompt], dtype=np.int64)
+    logits, cache = sess.forward(ids, np.ones_like(ids), np.arange(n)[None], sess.new_cache(1))
+    rows = [logits[0]]
+    for tok in tokens:
+        pos = sess.cache_length(cache)
+        logits, cache = sess.forward(
+            np.array([[tok]]), np.ones((1, pos + 1), np.int64), np.array([[pos]]), cache
+        )
+        rows.append(logits[0])
+    return np.concatenate(rows)
+
+
+def onnx_ragged_batch(sess: DecoderSession, seqs: list[list[int]], prompt_lens: list[int], steps: int) -> list[np.ndarray]:
+    """All prompts left-padded into one batch, then `steps` teacher-forced decode steps.
+    Returns, per row, logits [prompt_len + steps, V] for the real positions."""
+    B, width = len(seqs), max(prompt_lens)
+    ids = np.full((B, width), sess.pad_id, np.int64)
+    mask = np.zeros((B, width), np.int64)
+    for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+        ids[b, width - n:] = s[:n]
+        mask[b, width - n:] = 1
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(B))
+    rows = [[logits[b, width - n:]] for b, n in enumerate(prompt_lens)]
+    for t in range(steps):
+        nxt = np.array([[s[n + t]] for s, n in zip(seqs, prompt_lens)], np.int64)
+        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        logits, cache = sess.forward(nxt, mask, pos, cache)
+        for b in range(B):
+            rows[b].append(logits[b])
+    return [np.concatenate(r) for r in rows]
+
+
+def verify_artifact(
+    sess: DecoderSession,
+    model: GemmaForCausalLM,
+    *,
+    encode=None,
+    steps: int = 64,
+    progress: Progress = NULL,
+) -> ParityReport:
+    t0 = time.perf_counter()
+    precision = Precision(sess.manifest["precision"])
+    th = THRESHOLDS[precision]
+    prompts = make_prompts(sess.vocab_size, encode)
+
+    max_abs, rel, agree, total, nonfinite, incr = 0.0, 0.0, 0, 0, 0, 0.0
+    seqs, onnx_rows = [], []
+    for i, prompt in enumerate(prompts):
+        progress.count("comparing prompts", i, len(prompts))
+        ref, tokens = torch_greedy(model, prompt, steps)
+        got = onnx_teacher_forced(sess, prompt, tokens)
+        nonfinite += int((~np.isfinite(got)).sum())
+        max_abs = max(max_abs, _max_abs(got, ref))
+        rel = max(rel, _rel_l2(got, ref))
+        n = len(prompt)
+        onnx_top1 = got[n - 1:-1].argmax(-1)  # the prediction at each fed position
+        agree += int((onnx_top1 == np.array(tokens)).sum())
+        total += len(tokens)
+        # One forward over everything vs prefill + decode.
+        full_ids = np.array([prompt + tokens[:-1]], np.int64)
+        full, _ = sess.forward(full_ids, np.ones_like(full_ids), np.arange(full_ids.shape[1])[None], sess.new_cache(1))
+        incr = max(incr, _rel_l2(got[:-1], full[0]))
+        seqs.append(prompt + tokens)
+        onnx_rows.append(got)
+    progress.count("comparing prompts", len(prompts), len(prompts))
+
+    batch_steps = min(BATCH_STEPS, steps)
+    lens = [len(p) for p in prompts]
+    batched = onnx_ragged_batch(sess, seqs, lens, batch_steps)
+    batch_rel = max(_rel_l2(b, alone[: n + batch_steps]) for b, alone, n in zip(batched, onnx_rows, lens))
+
+    metrics = []
+    if th.max_abs_diff is not None:
+        metrics.append(Metric("logits max abs diff", max_abs, th.max_abs_diff, "<="))
+    if th.rel_l2 is not None:
+        metrics.append(Metric("logits relative L2", rel, th.rel_l2, "<="))
+    metrics += [
+        Metric(f"greedy top-1 agreement ({total} steps)", agree / max(total, 1), th.top1_agreement, ">="),
+        Metric("non-finite logits", nonfinite, 0, "<="),
+        Metric("prefill+decode vs one forward (rel L2)", incr, th.consistency_rel_l2, "<="),
+        Metric("ragged batch vs alone (rel L2)", batch_rel, th.consistency_rel_l2, "<="),
+    ]
+    return ParityReport(
+        precision=precision.value,
+        passed=all(m.passed for m in metrics),
+        metrics=metrics,
+        prompts=lens,
+        steps=steps,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+
+
+def format_report(report: ParityReport) -> str:
+    rows = [("metric", "measured", "threshold", "pass")]
+    for m in report.metrics:
+        rows.append((m.name, f"{m.measured:.3g}", f"{m.op} {m.threshold:g}", "yes" if m.passed else "NO"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    verdict = "PASS" if report.passed else "FAIL"
+    lines.append(f"parity {verdict}: {report.precision}, prompts of {report.prompts} tokens, {report.steps} decode steps")
+    return "\n".join(lines)

