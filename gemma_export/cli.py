@@ -138,13 +138,16 @@ def generate(
     from gemma_export.runtime.generate import load_generator
     from gemma_export.runtime.generate import SamplingConfig
 
+    from gemma_export.runtime.session import Provider
+
+    prov = _choice(Provider, provider, "--provider")
     prompts = _read_prompts(prompt, prompt_file)
     cfg = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
     )
     cfg.validate()
-    gen = load_generator(artifact, provider=provider, threads=threads)
+    gen = load_generator(artifact, provider=prov, threads=threads)
     if not json_out:
         typer.echo(f"provider: {gen.session.provider.value}", err=True)
     stream = not json_out and len(prompts) == 1
@@ -207,18 +210,18 @@ def _choice(enum_cls, value: str, hint: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Console script: one place that turns exceptions into messages and exit codes."""
-    import click
-
     debug = bool(os.environ.get("GEMMA_EXPORT_DEBUG"))
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="gemma-export")
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
+        if e.exit_code == 130:  # Typer turns Ctrl-C inside a command into Exit(130)
+            typer.echo("Interrupted.", err=True)
         return e.exit_code
-    except click.ClickException as e:  # usage errors: Click's own message, exit 2
+    except _click_errors() as e:  # usage errors: Click's own message, exit 2
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("Interrupted.", err=True)
         return 130
     except KeyboardInterrupt:
@@ -236,6 +239,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo("Error: out of memory", err=True)
         return 1
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error base. Typer >= 0.2x vendors Click and raises its own copy (public
+    base: typer.TyperException); older Typer raises click.ClickException."""
+    errors: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+
+        errors.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _console() -> None:
