@@ -66,13 +66,20 @@ def export(
         typer.Argument(help="Checkpoint directory, .gguf file or preset name. Default: the bundled real Gemma 3 270M."),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = ...,
-    precision: Annotated[str, typer.Option(help="fp32 (reference graph).")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="fp32 (reference graph), int8, int4, or gguf (the GGUF's own blocks, carried exactly).")
+    ] = "fp32",
     max_length: Annotated[
         Optional[int], typer.Option(help="Context length the artifact advertises (default: the model's).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity after export.")] = True,
     steps: Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")] = 64,
+    block_size: Annotated[Optional[int], typer.Option(help="int8/int4: quantization block size (default 32).")] = None,
+    asymmetric: Annotated[bool, typer.Option("--asymmetric", help="int8/int4: zero points per block.")] = False,
+    accuracy_level: Annotated[
+        Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
 ) -> None:
     """Export MODEL to an ONNX artifact with a KV cache, then verify parity with PyTorch."""
@@ -84,6 +91,41 @@ def export(
         raise typer.BadParameter("must be >= 1", param_hint="--steps")
     res = export_artifact(
         model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
+        block_size=block_size, symmetric=False if asymmetric else None, accuracy_level=accuracy_level,
+        progress=_progress(json_out),
+    )
+    text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
+    if res["parity_table"]:
+        text = res["parity_table"] + "\n" + text
+    _emit(res, json_out, text)
+
+
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="An fp32 artifact directory written by `export`.")],
+    precision: Annotated[str, typer.Option(help="int8, int4, or gguf (the GGUF source's own blocks).")] = ...,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = ...,
+    block_size: Annotated[Optional[int], typer.Option(help="int8/int4: quantization block size (default 32).")] = None,
+    asymmetric: Annotated[bool, typer.Option("--asymmetric", help="int8/int4: zero points per block.")] = False,
+    accuracy_level: Annotated[
+        Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
+    ] = None,
+    model: Annotated[Optional[str], typer.Option(help="Source model for verify (default: the manifest's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity after quantizing.")] = True,
+    steps: Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
+) -> None:
+    """Make an int8 / int4 / gguf artifact from an fp32 one, then verify parity with PyTorch."""
+    from gemma_export.exporter.pipeline import quantize_artifact
+    from gemma_export.exporter.precision import Precision
+
+    prec = _choice(Precision, precision, "--precision")
+    if steps < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--steps")
+    res = quantize_artifact(
+        src, out, precision=prec, force=force, verify=verify, steps=steps, block_size=block_size,
+        symmetric=False if asymmetric else None, accuracy_level=accuracy_level, model=model,
         progress=_progress(json_out),
     )
     text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"

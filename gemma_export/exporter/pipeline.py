@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,9 @@ from gemma_export.errors import ArtifactError, CheckpointError, ParityError
 from gemma_export.exporter import artifact as art
 from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, OPSET, export_onnx, io_spec
 from gemma_export.exporter.precision import Precision
+from gemma_export.exporter.quantize import RECIPES, Recipe, quantize_graph
 from gemma_export.exporter.verify import format_report, verify_artifact
-from gemma_export.models.load import Checkpoint, load_model
+from gemma_export.models.load import DEFAULT_MODEL, Checkpoint, load_model
 from gemma_export.progress import NULL, Progress
 from gemma_export.runtime.manifest import FORMAT_VERSION, check_files, read_manifest
 from gemma_export.runtime.session import DecoderSession
@@ -34,6 +38,80 @@ def tokenizer_bytes(ckpt: Checkpoint) -> bytes | None:
     return ts.preset_tokenizer(ckpt.config.vocab_size)
 
 
+KEPT_FP32_QUANTIZED = [
+    "activations and the residual stream",
+    "RMSNorm weights and arithmetic",
+    "attention scores and softmax",
+    "RoPE",
+    "logits",
+]
+
+
+def make_recipe(precision: Precision, block_size: int | None = None, symmetric: bool | None = None,
+                accuracy_level: int | None = None) -> Recipe:
+    base = RECIPES[precision.value]
+    changes = {k: v for k, v in dict(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level).items()
+               if v is not None}
+    if precision == Precision.GGUF and {"block_size", "symmetric"} & changes.keys():
+        raise CheckpointError("--precision gguf: block size and symmetry come from the GGUF file")
+    if "block_size" in changes and (changes["block_size"] < 16 or changes["block_size"] & (changes["block_size"] - 1)):
+        raise CheckpointError(f"--block-size {changes['block_size']}: must be a power of two >= 16")
+    if "accuracy_level" in changes and changes["accuracy_level"] not in (0, 1, 2, 3, 4):
+        raise CheckpointError(f"--accuracy-level {changes['accuracy_level']}: must be 0..4")
+    return dataclasses.replace(base, **changes)
+
+
+def _quantize_into(src_model: Path, dst: Path, recipe: Recipe, gguf_path: Path | None, progress: Progress) -> dict:
+    """Read an fp32 graph, rewrite it with `recipe`, save into dst (model.onnx + data)."""
+    import onnx
+
+    proto = onnx.load(str(src_model))
+    summary = quantize_graph(proto, recipe, gguf_path, progress)
+    onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=1024)
+    hist = Counter(n.op_type for n in proto.graph.node)
+    summary["op_types"] = dict(sorted(hist.items(), key=lambda kv: -kv[1]))
+    summary["nodes"] = len(proto.graph.node)
+    return summary
+
+
+def _write_side_files(d: Path, cfg, tok: bytes | None) -> None:
+    if tok is not None:
+        (d / art.TOKENIZER_FILE).write_bytes(tok)
+    art.write_json(d / "config.json", cfg.to_hf_dict())
+    art.write_json(
+        d / "generation_config.json",
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id},
+    )
+
+
+def _manifest(d: Path, *, cfg, precision: Precision, recipe: dict, kept: list[str], source: dict, max_length: int,
+              graph: dict, has_tokenizer: bool, extra: dict | None = None) -> dict:
+    manifest = {
+        "format": "gemma-export",
+        "format_version": FORMAT_VERSION,
+        "model_file": MODEL_FILE,
+        "data_file": DATA_FILE,
+        "precision": precision.value,
+        "recipe": recipe,
+        "kept_fp32": kept,
+        "source": source,
+        "config": cfg.to_dict(),
+        "layer_types": [t.value for t in cfg.layer_types],
+        "max_length": max_length,
+        "io": io_spec(cfg),
+        "opset": OPSET,
+        "graph": graph,
+        "tokenizer": art.TOKENIZER_FILE if has_tokenizer else None,
+        "versions": art.versions(),
+        **(extra or {}),
+        "parity": None,
+        "files": art.file_table(d),
+    }
+    art.write_json(d / "manifest.json", manifest)
+    return manifest
+
+
 def export_artifact(
     model: str | None,
     out: Path,
@@ -43,12 +121,16 @@ def export_artifact(
     force: bool = False,
     verify: bool = True,
     steps: int = 64,
+    block_size: int | None = None,
+    symmetric: bool | None = None,
+    accuracy_level: int | None = None,
     progress: Progress = NULL,
 ) -> dict[str, Any]:
     out = Path(out)
     precision = Precision(precision)
-    if precision != Precision.FP32:
-        raise CheckpointError(f"--precision {precision.value}: not available yet (fp32 only in this version)")
+    if precision in (Precision.FP16, Precision.BF16):
+        raise CheckpointError(f"--precision {precision.value}: not available yet (fp32, int8, int4, gguf)")
+    recipe = make_recipe(precision, block_size, symmetric, accuracy_level) if precision != Precision.FP32 else None
     art.check_out_dir(out, force)  # fail before minutes of loading, not after
     t0 = time.perf_counter()
     with progress.stage("loading"):
@@ -56,60 +138,59 @@ def export_artifact(
     cfg = ckpt.config
     if max_length is not None and not 1 <= max_length <= cfg.max_position_embeddings:
         raise CheckpointError(f"--max-length {max_length}: must be 1..{cfg.max_position_embeddings}")
+    if precision == Precision.GGUF and ckpt.kind != "gguf":
+        raise CheckpointError("--precision gguf: the model must be a GGUF file (or the bundled default)")
 
     with art.staging_dir(out, force) as tmp:
-        with progress.stage("tracing to ONNX"):
-            result = export_onnx(ckpt.model, tmp)
+        if recipe is None:
+            with progress.stage("tracing to ONNX"):
+                result = export_onnx(ckpt.model, tmp)
+            graph = {"nodes": result.num_nodes, "op_types": result.op_histogram}
+        else:
+            fp32 = tmp / ".fp32"
+            fp32.mkdir()
+            with progress.stage("tracing to ONNX"):
+                export_onnx(ckpt.model, fp32)
+            with progress.stage(f"quantizing ({precision.value})"):
+                summary = _quantize_into(fp32 / MODEL_FILE, tmp, recipe, ckpt.path if ckpt.kind == "gguf" else None,
+                                         progress)
+            shutil.rmtree(fp32)
+            graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types")}
         with progress.stage("writing artifact"):
             tok = tokenizer_bytes(ckpt)
-            if tok is not None:
-                (tmp / art.TOKENIZER_FILE).write_bytes(tok)
-            art.write_json(tmp / "config.json", cfg.to_hf_dict())
-            art.write_json(
-                tmp / "generation_config.json",
-                {
-                    "bos_token_id": cfg.bos_token_id,
-                    "eos_token_id": list(cfg.eos_token_ids),
-                    "pad_token_id": cfg.pad_token_id,
-                },
+            _write_side_files(tmp, cfg, tok)
+            manifest = _manifest(
+                tmp, cfg=cfg, precision=precision,
+                recipe=recipe.to_dict() if recipe else {"name": "fp32"},
+                kept=["everything"] if recipe is None else KEPT_FP32_QUANTIZED,
+                source=_source(model, ckpt), max_length=max_length or cfg.max_position_embeddings,
+                graph=graph, has_tokenizer=tok is not None,
+                extra={"quantized": summary} if recipe else None,
             )
-            manifest = {
-                "format": "gemma-export",
-                "format_version": FORMAT_VERSION,
-                "model_file": MODEL_FILE,
-                "data_file": DATA_FILE,
-                "precision": precision.value,
-                "recipe": {"name": precision.value},
-                "kept_fp32": ["everything"] if precision == Precision.FP32 else [],
-                "source": {
-                    "spec": model,
-                    "kind": ckpt.kind,
-                    "path": str(ckpt.path.resolve()) if ckpt.path else None,
-                    "description": ckpt.description,
-                },
-                "config": cfg.to_dict(),
-                "layer_types": [t.value for t in cfg.layer_types],
-                "max_length": max_length or cfg.max_position_embeddings,
-                "io": io_spec(cfg),
-                "opset": OPSET,
-                "graph": {"nodes": result.num_nodes, "op_types": result.op_histogram},
-                "tokenizer": art.TOKENIZER_FILE if tok is not None else None,
-                "versions": art.versions(),
-                "parity": None,
-                "files": art.file_table(tmp),
-            }
-            art.write_json(tmp / "manifest.json", manifest)
         report = None
         if verify:
             with progress.stage("verifying parity"):
                 report = _verify(tmp, ckpt, steps, progress)
+    return _result(out, ckpt, precision, t0, manifest, report)
+
+
+def _source(spec: str | None, ckpt: Checkpoint) -> dict:
+    return {
+        "spec": spec,
+        "kind": ckpt.kind,
+        "path": str(ckpt.path.resolve()) if ckpt.path else None,
+        "description": ckpt.description,
+    }
+
+
+def _result(out: Path, ckpt: Checkpoint, precision: Precision, t0: float, manifest: dict, report) -> dict:
     res = {
         "out": str(out),
         "model": ckpt.description,
         "precision": precision.value,
         "seconds": round(time.perf_counter() - t0, 1),
         "size_bytes": sum(f["size"] for f in manifest["files"].values()),
-        "op_types": result.op_histogram,
+        "op_types": manifest["graph"]["op_types"],
         "parity": report.to_dict() if report else None,
         "parity_table": format_report(report) if report else None,
     }
@@ -118,16 +199,93 @@ def export_artifact(
     return res
 
 
+def quantize_artifact(
+    src: Path,
+    out: Path,
+    *,
+    precision: Precision,
+    force: bool = False,
+    verify: bool = True,
+    steps: int = 64,
+    block_size: int | None = None,
+    symmetric: bool | None = None,
+    accuracy_level: int | None = None,
+    model: str | None = None,
+    progress: Progress = NULL,
+) -> dict[str, Any]:
+    """`gemma-export quantize SRC --precision P --out DIR`: a recipe applied to an fp32 artifact."""
+    src, out = Path(src), Path(out)
+    precision = Precision(precision)
+    if precision in (Precision.FP32, Precision.FP16, Precision.BF16):
+        raise CheckpointError(f"--precision {precision.value}: quantize makes int8, int4 or gguf artifacts")
+    recipe = make_recipe(precision, block_size, symmetric, accuracy_level)
+    manifest = read_manifest(src)
+    if manifest["precision"] != Precision.FP32.value:
+        raise ArtifactError(f"{src}: is a {manifest['precision']} artifact; quantize starts from an fp32 one")
+    check_files(src, manifest, hashes=False)
+    art.check_out_dir(out, force)
+    t0 = time.perf_counter()
+    source = manifest["source"]
+    gguf_path = Path(source["path"]) if source["kind"] == "gguf" and source["path"] else None
+    if precision == Precision.GGUF and (gguf_path is None or not gguf_path.is_file()):
+        raise ArtifactError(f"{src}: --precision gguf needs the source GGUF ({source['path'] or 'not a GGUF export'})")
+    ckpt = None
+    if verify:
+        with progress.stage("loading source model"):
+            ckpt = _load_source(src, manifest, model)
+    from gemma_export.models.config import GemmaConfig
+
+    cfg = GemmaConfig.from_dict(manifest["config"])
+    with art.staging_dir(out, force) as tmp:
+        with progress.stage(f"quantizing ({precision.value})"):
+            summary = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress)
+        graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types")}
+        tok = (src / art.TOKENIZER_FILE).read_bytes() if manifest.get("tokenizer") else None
+        _write_side_files(tmp, cfg, tok)
+        new = _manifest(
+            tmp, cfg=cfg, precision=precision, recipe=recipe.to_dict(), kept=KEPT_FP32_QUANTIZED, source=source,
+            max_length=manifest["max_length"], graph=graph, has_tokenizer=tok is not None,
+            extra={"quantized": summary, "derived_from": str(src.resolve())},
+        )
+        report = None
+        if verify:
+            with progress.stage("verifying parity"):
+                report = _verify(tmp, ckpt, steps, progress)
+    return _result(out, ckpt or _Described(manifest), precision, t0, new, report)
+
+
+class _Described:
+    """Stands in for a Checkpoint where only its description is needed."""
+
+    def __init__(self, manifest: dict):
+        self.description = manifest["source"]["description"]
+
+
+def _load_source(d: Path, manifest: dict, model: str | None) -> Checkpoint:
+    src = manifest["source"]
+    spec = model if model is not None else src["spec"]
+    if model is None and src["kind"] in ("hf", "gguf") and spec not in (None, DEFAULT_MODEL) and not Path(spec).exists():
+        raise ArtifactError(f"{d}: source model {src['spec']} not found here (pass --model to point at it)")
+    ckpt = load_model(spec)
+    if ckpt.config.to_dict() | {"name": ""} != manifest["config"] | {"name": ""}:
+        raise ArtifactError(f"{d}: the source model's config differs from the artifact's ({ckpt.description})")
+    return ckpt
+
+
 def _verify(d: Path, ckpt: Checkpoint, steps: int, progress: Progress):
     """Run parity for the artifact in `d` against `ckpt`; record it in parity.json and
     the manifest's summary."""
     sess = DecoderSession(d, provider="cpu")
-    encode = None
-    if (d / art.TOKENIZER_FILE).is_file() and ckpt.kind != "preset":
+    encode = corpus_encode = None
+    if (d / art.TOKENIZER_FILE).is_file():
         from gemma_export.runtime.tokenizer import Tokenizer
 
-        encode = Tokenizer.from_file(d / art.TOKENIZER_FILE).encode
-    report = verify_artifact(sess, ckpt.model, encode=encode, steps=steps, progress=progress)
+        tok = Tokenizer.from_file(d / art.TOKENIZER_FILE)
+        corpus_encode = tok.encode
+        if ckpt.kind != "preset":  # random weights: seeded ids make better-spread prompts
+            encode = tok.encode
+    report = verify_artifact(sess, ckpt.model, encode=encode, corpus_encode=corpus_encode, steps=steps,
+                             progress=progress)
     art.write_json(d / art.PARITY_FILE, report.to_dict())
     manifest = read_manifest(d)
     manifest["parity"] = {
@@ -145,14 +303,8 @@ def verify_dir(d: Path, model: str | None = None, *, steps: int = 64, progress: 
     manifest = read_manifest(d)
     with progress.stage("checking files"):
         check_files(d, manifest, hashes=True)
-    spec = model if model is not None else manifest["source"]["spec"]
-    src = manifest["source"]
-    if model is None and src["kind"] != "preset" and src["spec"] is not None and not Path(src["spec"]).exists():
-        raise ArtifactError(f"{d}: source model {src['spec']} not found here (pass --model to point at it)")
     with progress.stage("loading source model"):
-        ckpt = load_model(spec)
-    if ckpt.config.to_dict() | {"name": ""} != manifest["config"] | {"name": ""}:
-        raise ArtifactError(f"{d}: the source model's config differs from the artifact's ({ckpt.description})")
+        ckpt = _load_source(d, manifest, model)
     with progress.stage("verifying parity"):
         report = _verify(d, ckpt, steps, progress)
     res = {"artifact": str(d), "model": ckpt.description, "parity": report.to_dict(), "parity_table": format_report(report)}

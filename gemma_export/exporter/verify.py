@@ -14,6 +14,7 @@ Every metric is reported beside its threshold from precision.THRESHOLDS.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,24 @@ RANDOM_PROMPT_LENGTHS = (5, 11, 19)
 BATCH_STEPS = 8  # decode steps checked for the ragged batch
 
 
+CORPUS = Path(__file__).parent / "data" / "eval_corpus.txt"  # sources: data/EVAL_CORPUS_SOURCES.md
+PPL_CHUNK = 256  # tokens per perplexity window (each starts with <bos>)
+
+
 @dataclass
 class Metric:
     name: str
     measured: float
-    threshold: float
-    op: str  # "<=" or ">="
+    threshold: float | None  # None: reported, not a criterion at this precision
+    op: str  # "<=", ">=" or "info"
     passed: bool = field(init=False)
 
     def __post_init__(self) -> None:
         m = float(self.measured)
-        self.passed = bool(np.isfinite(m) and (m <= self.threshold if self.op == "<=" else m >= self.threshold))
+        if self.op == "info":
+            self.passed = bool(np.isfinite(m))
+        else:
+            self.passed = bool(np.isfinite(m) and (m <= self.threshold if self.op == "<=" else m >= self.threshold))
 
 
 @dataclass
@@ -78,6 +86,57 @@ def make_prompts(vocab_size: int, encode=None, seed: int = 1234) -> list[list[in
     rng = np.random.default_rng(seed)
     # Skip ids 0..3 (pad/eos/bos/unk) so a prompt never ends itself early.
     return [[2] + rng.integers(4, vocab_size, n - 1).tolist() for n in RANDOM_PROMPT_LENGTHS]
+
+
+# PyTorch reference results per (model, inputs): verifying several precisions of one model
+# in one process computes the fp32 reference once.
+_REFERENCE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached(model: GemmaForCausalLM, key: tuple, fn):
+    per_model = _REFERENCE_CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = fn()
+    return per_model[key]
+
+
+def corpus_chunks(encode, bos_id: int, chunk: int = PPL_CHUNK) -> list[list[int]]:
+    """The evaluation corpus as windows of `chunk` tokens, each starting with <bos>."""
+    ids = encode(CORPUS.read_text(encoding="utf-8"), add_bos=False)
+    body = chunk - 1
+    return [[bos_id] + ids[i : i + body] for i in range(0, len(ids) - 1, body) if len(ids[i : i + body]) > 1]
+
+
+def _nll_and_top1(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarray]:
+    """Summed next-token negative log-likelihood and the argmax per position."""
+    x = logits[:-1]
+    m = x.max(-1, keepdims=True)
+    lse = (np.log(np.exp(x - m).sum(-1, keepdims=True, dtype=np.float64)) + m)[:, 0]
+    picked = x[np.arange(len(ids) - 1), ids[1:]].astype(np.float64)
+    return float((lse - picked).sum()), x.argmax(-1)
+
+
+@torch.no_grad()
+def torch_corpus(model: GemmaForCausalLM, chunks: list[list[int]]) -> tuple[float, list[np.ndarray]]:
+    nll, n, tops = 0.0, 0, []
+    for c in chunks:
+        ids = torch.tensor([c])
+        logits, _ = model(ids, torch.ones_like(ids), torch.arange(len(c))[None], model.empty_cache(1))
+        a, top = _nll_and_top1(logits[0].numpy(), c)
+        nll, n = nll + a, n + len(c) - 1
+        tops.append(top)
+    return float(np.exp(nll / n)), tops
+
+
+def onnx_corpus(sess: DecoderSession, chunks: list[list[int]]) -> tuple[float, list[np.ndarray]]:
+    nll, n, tops = 0.0, 0, []
+    for c in chunks:
+        ids = np.array([c], np.int64)
+        logits, _ = sess.forward(ids, np.ones_like(ids), np.arange(len(c))[None], sess.new_cache(1))
+        a, top = _nll_and_top1(logits[0], c)
+        nll, n = nll + a, n + len(c) - 1
+        tops.append(top)
+    return float(np.exp(nll / n)), tops
 
 
 @torch.no_grad()
@@ -140,9 +199,12 @@ def verify_artifact(
     model: GemmaForCausalLM,
     *,
     encode=None,
+    corpus_encode=None,
     steps: int = 64,
     progress: Progress = NULL,
 ) -> ParityReport:
+    """`encode(text)` makes the prompts (None: seeded ids); `corpus_encode(text, add_bos)`
+    tokenizes the evaluation corpus for perplexity (None: skipped)."""
     t0 = time.perf_counter()
     precision = Precision(sess.manifest["precision"])
     th = THRESHOLDS[precision]
@@ -152,7 +214,7 @@ def verify_artifact(
     seqs, onnx_rows = [], []
     for i, prompt in enumerate(prompts):
         progress.count("comparing prompts", i, len(prompts))
-        ref, tokens = torch_greedy(model, prompt, steps)
+        ref, tokens = _cached(model, ("greedy", tuple(prompt), steps), lambda: torch_greedy(model, prompt, steps))
         got = onnx_teacher_forced(sess, prompt, tokens)
         nonfinite += int((~np.isfinite(got)).sum())
         max_abs = max(max_abs, _max_abs(got, ref))
@@ -175,6 +237,27 @@ def verify_artifact(
     batch_rel = max(_rel_l2(b, alone[: n + batch_steps]) for b, alone, n in zip(batched, onnx_rows, lens))
 
     metrics = []
+    ppl_rows: list[Metric] = []
+    if corpus_encode is not None:
+        progress.count("perplexity", 0, 1)
+        chunks = corpus_chunks(corpus_encode, int(sess.config["bos_token_id"]))
+        key = ("corpus", tuple(map(tuple, chunks)))
+        ref_ppl, ref_top = _cached(model, key, lambda: torch_corpus(model, chunks))
+        got_ppl, got_top = onnx_corpus(sess, chunks)
+        progress.count("perplexity", 1, 1)
+        agree_c = float(np.mean(np.concatenate([a == b for a, b in zip(got_top, ref_top)])))
+        n_tok = sum(len(c) - 1 for c in chunks)
+        ppl_rows = [
+            Metric("corpus perplexity, PyTorch fp32", ref_ppl, None, "info"),
+            Metric("corpus perplexity, artifact", got_ppl, None, "info"),
+            Metric(
+                "corpus perplexity increase",
+                got_ppl / ref_ppl - 1.0,
+                th.perplexity_increase,
+                "<=" if th.perplexity_increase is not None else "info",
+            ),
+            Metric(f"corpus top-1 agreement ({n_tok} tokens)", agree_c, th.top1_agreement, ">="),
+        ]
     if th.max_abs_diff is not None:
         metrics.append(Metric("logits max abs diff", max_abs, th.max_abs_diff, "<="))
     if th.rel_l2 is not None:
@@ -184,6 +267,7 @@ def verify_artifact(
         Metric("non-finite logits", nonfinite, 0, "<="),
         Metric("prefill+decode vs one forward (rel L2)", incr, th.consistency_rel_l2, "<="),
         Metric("ragged batch vs alone (rel L2)", batch_rel, th.consistency_rel_l2, "<="),
+        *ppl_rows,
     ]
     return ParityReport(
         precision=precision.value,
@@ -198,7 +282,9 @@ def verify_artifact(
 def format_report(report: ParityReport) -> str:
     rows = [("metric", "measured", "threshold", "pass")]
     for m in report.metrics:
-        rows.append((m.name, f"{m.measured:.3g}", f"{m.op} {m.threshold:g}", "yes" if m.passed else "NO"))
+        limit = "-" if m.op == "info" else f"{m.op} {m.threshold:g}"
+        ok = "-" if m.op == "info" else ("yes" if m.passed else "NO")
+        rows.append((m.name, f"{m.measured:.4g}", limit, ok))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

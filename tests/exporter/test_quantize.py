@@ -1,0 +1,179 @@
+"""Quantization recipes: the pure math, the GGUF block decoders against gguf's own
+dequantizer, the graph rewrite against a PyTorch model holding the same dequantized
+weights (so implementation error is separated from quantization error), the tied
+embedding stored once, and the real Gemma 3 270M against DESIGN.md's thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from gemma_export.exporter.pipeline import quantize_artifact
+from gemma_export.exporter.quantize import (
+    gguf_blocks,
+    dequantized_weights,
+    pack,
+    pack_zero_points,
+    quantize_blocks,
+    unpack,
+)
+from gemma_export.exporter.verify import onnx_teacher_forced, torch_greedy
+from gemma_export.models.load import load_model
+from gemma_export.runtime.session import DecoderSession
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_quantization_error_bound(bits, symmetric):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 128)).astype(np.float32)
+    w[3, :32] = 0.0  # an all-zero block must survive
+    b = quantize_blocks(w, bits, 32, symmetric)
+    assert b.codes.max() < 2**bits and b.codes.shape == (24, 4, 32)
+    err = np.abs(b.dequantize() - w).reshape(24, 4, 32)
+    # round to nearest: at most half a step, except values clipped at the symmetric edge
+    bound = b.scales[..., None] * (0.5 if not symmetric else 1.0) + 1e-6
+    assert np.all(err <= bound)
+    assert np.all(b.dequantize()[3, :32] == 0.0)
+
+
+def test_pack_unpack_roundtrip():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 16, (5, 3, 32)).astype(np.uint8)
+    np.testing.assert_array_equal(unpack(pack(codes, 4), 4, 32), codes)
+    assert pack(codes, 4).shape == (5, 3, 16)
+    zp = rng.integers(0, 16, (5, 3)).astype(np.uint8)
+    packed = pack_zero_points(zp, 4)
+    assert packed.shape == (5 * 2,)
+    assert (packed.reshape(5, 2)[:, 0] & 0x0F).tolist() == zp[:, 0].tolist()
+
+
+def _tiny_fp32(tiny_artifacts, name):
+    return tiny_artifacts[name][0]
+
+
+def _check_against_dequantized(src, out, name, tol):
+    """ONNX (quantized) vs PyTorch holding exactly the weights the artifact dequantizes to."""
+    ckpt = load_model(name)
+    proto = onnx.load(str(out / "model.onnx"))
+    weights = dequantized_weights(proto)
+    model = ckpt.model
+    state = model.state_dict()
+    assert "model.embed_tokens.weight" in weights
+    for k, w in weights.items():
+        assert state[k].shape == w.shape, k
+        state[k] = torch.from_numpy(w)
+    model.load_state_dict(state)
+    sess = DecoderSession(out, provider="cpu")
+    rng = np.random.default_rng(5)
+    prompt = [2] + rng.integers(4, sess.vocab_size, 14).tolist()
+    ref, tokens = torch_greedy(model, prompt, 12)
+    got = onnx_teacher_forced(sess, prompt, tokens)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel <= tol, f"relative L2 {rel:.3g} > {tol}"
+    return proto
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_recipe_computes_its_dequantized_weights(tiny_artifacts, tmp_path, name, precision):
+    """accuracy_level 0 (fp32 compute): the quantized graph is the dequantized model exactly."""
+    src = _tiny_fp32(tiny_artifacts, name)
+    out = tmp_path / precision
+    quantize_artifact(src, out, precision=precision, accuracy_level=0, verify=False)
+    proto = _check_against_dequantized(src, out, name, 1e-5)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert "Gemm" not in ops and "Gather" not in ops
+    # the tied embedding: one quantized matrix, read by the gather and the LM head
+    q = [n for n in proto.graph.node if "model.embed_tokens.qweight" in n.input]
+    assert sorted(n.op_type for n in q) == ["GatherBlockQuantized", "MatMulNBits"]
+    assert not [i for i in proto.graph.initializer if i.name == "model.embed_tokens.weight"]
+    assert sum(1 for i in proto.graph.initializer if i.name == "model.embed_tokens.qweight") == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2"])
+def test_int8_activations_stay_close(tiny_artifacts, tmp_path, name):
+    """The default accuracy_level 4 quantizes activations too: close, not exact."""
+    src = _tiny_fp32(tiny_artifacts, name)
+    out = tmp_path / "int4-l4"
+    quantize_artifact(src, out, precision="int4", verify=False, symmetric=False)
+    _check_against_dequantized(src, out, name, 2e-2)
+
+
+def test_quantize_refuses_bad_input(tiny_artifacts, tmp_path):
+    from gemma_export.errors import ArtifactError, CheckpointError
+
+    src = _tiny_fp32(tiny_artifacts, "tiny-gemma1")
+    with pytest.raises(CheckpointError, match="block-size"):
+        quantize_artifact(src, tmp_path / "a", precision="int4", block_size=24)
+    with pytest.raises(CheckpointError, match="gguf"):
+        quantize_artifact(src, tmp_path / "b", precision="gguf", block_size=32)
+    with pytest.raises(ArtifactError, match="GGUF"):
+        quantize_artifact(src, tmp_path / "c", precision="gguf")  # a preset has no GGUF blocks
+    q = tmp_path / "q"
+    quantize_artifact(src, q, precision="int8", verify=False)
+    with pytest.raises(ArtifactError, match="fp32"):
+        quantize_artifact(q, tmp_path / "d", precision="int4")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+# -- real model ----------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_gguf_block_decoders_match_gguf(real_gguf):
+    import gguf
+
+    reader = gguf.GGUFReader(str(real_gguf))
+    seen = set()
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in seen or kind not in ("Q8_0", "Q5_0", "Q6_K", "Q4_K"):
+            continue
+        seen.add(kind)
+        ref = gguf.quants.dequantize(t.data, t.tensor_type)
+        n, k = ref.shape
+        b = gguf_blocks(np.asarray(t.data).view(np.uint8), kind, n, k)
+        got = b.dequantize()
+        assert np.allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max()), kind
+    assert seen == {"Q8_0", "Q5_0", "Q6_K", "Q4_K"}
+
+
+@pytest.fixture(scope="module")
+def real_quantized(real_artifact, tmp_path_factory, real_ckpt):
+    """int8, int4 and gguf artifacts of the real 270M, each verified against fp32 PyTorch."""
+    from gemma_export.exporter import pipeline
+
+    src = real_artifact[0]
+    root = tmp_path_factory.mktemp("realq")
+    orig = pipeline._load_source
+    pipeline._load_source = lambda d, m, model: real_ckpt  # the session's loaded model
+    try:
+        out = {}
+        for p in ("int8", "int4", "gguf"):
+            try:
+                out[p] = (root / p, quantize_artifact(src, root / p, precision=p))
+            except Exception as e:  # keep the others; the test for p reports the failure
+                out[p] = (root / p, e)
+        return out
+    finally:
+        pipeline._load_source = orig
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("precision", ["int8", "int4", "gguf"])
+def test_real_recipes_meet_thresholds(real_quantized, precision):
+    out, res = real_quantized[precision]
+    assert not isinstance(res, Exception), f"{precision}: {res}\n{getattr(res, 'result', {}) and res.result.get('parity_table')}"
+    assert res["parity"]["passed"], res["parity_table"]
+
+
+@pytest.mark.real
+def test_real_int4_size_proves_embedding_quantized_once(real_quantized):
+    out, res = real_quantized["int4"]
+    # 268M weights at 4 bits is 134 MB (+ fp32 scales, 1/8 of that per copy); one fp32
+    # copy of the 262144 x 640 embedding alone would be 671 MB.
+    assert res["size_bytes"] < 250e6, res["size_bytes"]
