@@ -219,6 +219,31 @@ def generate(
         )
 
 
+@app.command()
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (tokens of the shipped corpus).")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens decoded.")] = 128,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = 2,
+    provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "cpu",
+    repeats: Annotated[int, typer.Option(help="Timed runs after one warm-up; the median is reported.")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Time prefill and decode of an artifact at batch 1 (see benchmarks/ for peers side by side)."""
+    from gemma_export.runtime.bench import bench_artifact
+    from gemma_export.runtime.session import Provider
+
+    prov = _choice(Provider, provider, "--provider")
+    res = bench_artifact(artifact, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
+                         provider=prov, repeats=repeats)
+    text = (
+        f"{res['precision']} on {res['provider']} ({threads} threads): prefill {res['prompt_tokens']} tokens "
+        f"{res['prefill_seconds'] * 1000:.0f} ms, decode {res['decode_tokens_per_second']:.1f} tok/s, "
+        f"peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB, artifact {res['size_bytes'] / 1e6:.0f} MB"
+    )
+    _emit({k: v for k, v in res.items() if k != "greedy_tokens"} | {"greedy_tokens": res["greedy_tokens"]}, json_out, text)
+
+
 def _read_prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
     if prompt_file is not None:
         if prompt:

@@ -166,3 +166,18 @@ def test_real_greedy_text_equals_transformers(real_artifact, hf_real):
         assert text == tok.decode(ref)
     alone = gen.generate(prompts[:1], SamplingConfig(max_new_tokens=64, ignore_eos=True))
     assert alone.token_ids[0] == ours.token_ids[0]
+
+
+def test_bench_reports_speed_and_greedy_tokens(tiny_artifacts):
+    """`bench` is a measurement, not a timed test: check it runs and reports what it says."""
+    from gemma_export.runtime.bench import bench_artifact
+
+    out, _ = tiny_artifacts["tiny-gemma2"]
+    res = bench_artifact(out, prompt_tokens=16, new_tokens=8, threads=1, repeats=1)
+    assert res["prefill_seconds"] > 0 and res["decode_tokens_per_second"] > 0
+    assert len(res["greedy_tokens"]) == 8 and res["peak_rss_bytes"] > 0
+    gen = load_generator(out, provider="cpu")
+    from gemma_export.runtime.bench import prompt_ids
+
+    ids = prompt_ids(gen.tokenizer, 16)
+    assert res["greedy_tokens"] == generate_ids(gen.session, [ids], SamplingConfig(max_new_tokens=8, ignore_eos=True)).tokens[0]
