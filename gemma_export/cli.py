@@ -74,9 +74,16 @@ def export(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity after export.")] = True,
+    optimize: Annotated[
+        bool, typer.Option("--optimize/--no-optimize", help="Fuse for ONNX Runtime (off: portable plain-op graph).")
+    ] = True,
     steps: Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")] = 64,
     block_size: Annotated[Optional[int], typer.Option(help="int8/int4: quantization block size (default 32).")] = None,
-    asymmetric: Annotated[bool, typer.Option("--asymmetric", help="int8/int4: zero points per block.")] = False,
+    symmetric: Annotated[
+        Optional[bool],
+        typer.Option("--symmetric/--asymmetric", help="int8/int4: symmetric, or zero points per block "
+                     "(defaults: int8 symmetric, int4 asymmetric).", show_default=False),
+    ] = None,
     accuracy_level: Annotated[
         Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
     ] = None,
@@ -91,8 +98,8 @@ def export(
         raise typer.BadParameter("must be >= 1", param_hint="--steps")
     res = export_artifact(
         model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
-        block_size=block_size, symmetric=False if asymmetric else None, accuracy_level=accuracy_level,
-        progress=_progress(json_out),
+        block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+        optimize=optimize, progress=_progress(json_out),
     )
     text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
     if res["parity_table"]:
@@ -106,13 +113,20 @@ def quantize(
     precision: Annotated[str, typer.Option(help="int8, int4, or gguf (the GGUF source's own blocks).")] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = ...,
     block_size: Annotated[Optional[int], typer.Option(help="int8/int4: quantization block size (default 32).")] = None,
-    asymmetric: Annotated[bool, typer.Option("--asymmetric", help="int8/int4: zero points per block.")] = False,
+    symmetric: Annotated[
+        Optional[bool],
+        typer.Option("--symmetric/--asymmetric", help="int8/int4: symmetric, or zero points per block "
+                     "(defaults: int8 symmetric, int4 asymmetric).", show_default=False),
+    ] = None,
     accuracy_level: Annotated[
         Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
     ] = None,
     model: Annotated[Optional[str], typer.Option(help="Source model for verify (default: the manifest's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity after quantizing.")] = True,
+    optimize: Annotated[
+        bool, typer.Option("--optimize/--no-optimize", help="Fuse for ONNX Runtime after quantizing.")
+    ] = True,
     steps: Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")] = 64,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
 ) -> None:
@@ -125,8 +139,8 @@ def quantize(
         raise typer.BadParameter("must be >= 1", param_hint="--steps")
     res = quantize_artifact(
         src, out, precision=prec, force=force, verify=verify, steps=steps, block_size=block_size,
-        symmetric=False if asymmetric else None, accuracy_level=accuracy_level, model=model,
-        progress=_progress(json_out),
+        symmetric=symmetric, accuracy_level=accuracy_level, model=model,
+        optimize=optimize, progress=_progress(json_out),
     )
     text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
     if res["parity_table"]:

@@ -16,6 +16,7 @@ from typing import Any
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError
 from gemma_export.exporter import artifact as art
 from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, OPSET, export_onnx, io_spec
+from gemma_export.exporter.optimize import optimize_graph
 from gemma_export.exporter.precision import Precision
 from gemma_export.exporter.quantize import RECIPES, Recipe, quantize_graph
 from gemma_export.exporter.verify import format_report, verify_artifact
@@ -61,18 +62,38 @@ def make_recipe(precision: Precision, block_size: int | None = None, symmetric: 
     return dataclasses.replace(base, **changes)
 
 
-def _quantize_into(src_model: Path, dst: Path, recipe: Recipe, gguf_path: Path | None, progress: Progress) -> dict:
+def _quantize_into(src_model: Path, dst: Path, recipe: Recipe, gguf_path: Path | None, progress: Progress,
+                   optimize: bool = True) -> dict:
     """Read an fp32 graph, rewrite it with `recipe`, save into dst (model.onnx + data)."""
     import onnx
 
     proto = onnx.load(str(src_model))
     summary = quantize_graph(proto, recipe, gguf_path, progress)
+    if optimize:
+        summary["fusions"] = optimize_graph(proto)
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
     hist = Counter(n.op_type for n in proto.graph.node)
     summary["op_types"] = dict(sorted(hist.items(), key=lambda kv: -kv[1]))
     summary["nodes"] = len(proto.graph.node)
     return summary
+
+
+def _optimize_in_place(d: Path) -> dict[str, int]:
+    """Fuse the fp32 graph in `d` (structure only; the weights file is untouched)."""
+    import onnx
+
+    proto = onnx.load(str(d / MODEL_FILE), load_external_data=False)
+    fusions = optimize_graph(proto)
+    onnx.save(proto, str(d / MODEL_FILE))
+    return fusions
+
+
+def _contrib_ops(op_types: dict[str, int]) -> list[str]:
+    """Ops outside standard ONNX that the graph needs from ONNX Runtime."""
+    ort_only = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "MatMulNBits",
+                "GatherBlockQuantized"}
+    return sorted(set(op_types) & ort_only)
 
 
 def _write_side_files(d: Path, cfg, tok: bytes | None) -> None:
@@ -102,6 +123,8 @@ def _manifest(d: Path, *, cfg, precision: Precision, recipe: dict, kept: list[st
         "io": io_spec(cfg),
         "opset": OPSET,
         "graph": graph,
+        # Non-standard ops this graph needs (ONNX Runtime contrib ops); [] = portable ONNX.
+        "onnxruntime_ops": _contrib_ops(graph["op_types"]),
         "tokenizer": art.TOKENIZER_FILE if has_tokenizer else None,
         "versions": art.versions(),
         **(extra or {}),
@@ -124,6 +147,7 @@ def export_artifact(
     block_size: int | None = None,
     symmetric: bool | None = None,
     accuracy_level: int | None = None,
+    optimize: bool = True,
     progress: Progress = NULL,
 ) -> dict[str, Any]:
     out = Path(out)
@@ -145,7 +169,14 @@ def export_artifact(
         if recipe is None:
             with progress.stage("tracing to ONNX"):
                 result = export_onnx(ckpt.model, tmp)
-            graph = {"nodes": result.num_nodes, "op_types": result.op_histogram}
+            fusions = {}
+            if optimize:
+                with progress.stage("fusing for ONNX Runtime"):
+                    fusions = _optimize_in_place(tmp)
+            import onnx
+
+            hist = Counter(n.op_type for n in onnx.load(str(tmp / MODEL_FILE), load_external_data=False).graph.node)
+            graph = {"nodes": sum(hist.values()), "op_types": dict(hist.most_common()), "fusions": fusions}
         else:
             fp32 = tmp / ".fp32"
             fp32.mkdir()
@@ -153,9 +184,10 @@ def export_artifact(
                 export_onnx(ckpt.model, fp32)
             with progress.stage(f"quantizing ({precision.value})"):
                 summary = _quantize_into(fp32 / MODEL_FILE, tmp, recipe, ckpt.path if ckpt.kind == "gguf" else None,
-                                         progress)
+                                         progress, optimize)
             shutil.rmtree(fp32)
-            graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types")}
+            graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types"),
+                     "fusions": summary.pop("fusions", {})}
         with progress.stage("writing artifact"):
             tok = tokenizer_bytes(ckpt)
             _write_side_files(tmp, cfg, tok)
@@ -211,6 +243,7 @@ def quantize_artifact(
     symmetric: bool | None = None,
     accuracy_level: int | None = None,
     model: str | None = None,
+    optimize: bool = True,
     progress: Progress = NULL,
 ) -> dict[str, Any]:
     """`gemma-export quantize SRC --precision P --out DIR`: a recipe applied to an fp32 artifact."""
@@ -238,8 +271,9 @@ def quantize_artifact(
     cfg = GemmaConfig.from_dict(manifest["config"])
     with art.staging_dir(out, force) as tmp:
         with progress.stage(f"quantizing ({precision.value})"):
-            summary = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress)
-        graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types")}
+            summary = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress, optimize)
+        graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types"),
+                 "fusions": summary.pop("fusions", {})}
         tok = (src / art.TOKENIZER_FILE).read_bytes() if manifest.get("tokenizer") else None
         _write_side_files(tmp, cfg, tok)
         new = _manifest(

@@ -5,7 +5,8 @@
 Recipes (each records itself and its parameters in the manifest):
   int8   block-wise int8 (round to nearest), symmetric; every MatMul, the LM head and the
          embedding gather.
-  int4   block-wise int4, symmetric by default (asymmetric selectable), same coverage.
+  int4   block-wise int4, asymmetric by default (symmetric selectable), same coverage.
+         On Gemma 3 270M asymmetric keeps 68% top-1 agreement where symmetric keeps 54%.
   gguf   the blocks a GGUF source already holds (Q8_0, Q5_0, Q6_K, Q4_K), carried into
          MatMulNBits / GatherBlockQuantized without a second rounding: the artifact
          computes what the GGUF computes. Re-rounding already-quantized weights onto
@@ -57,7 +58,7 @@ class Recipe:
 
 RECIPES = {
     "int8": Recipe("int8", bits=8, block_size=32, symmetric=True, accuracy_level=4),
-    "int4": Recipe("int4", bits=4, block_size=32, symmetric=True, accuracy_level=4),
+    "int4": Recipe("int4", bits=4, block_size=32, symmetric=False, accuracy_level=4),
     "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4),
 }
 

@@ -1,0 +1,101 @@
+"""Graph rewrite rules for ONNX Runtime, one rule per file (onnxscript rewriter style).
+
+Each rule is a `Rule` with
+    match(g, node)  -> a dict of what it found, or a string saying why it did not match
+    rewrite(g, m)   -> replaces the matched nodes
+and optimize.py applies the rules in a fixed order, counting how many times each fired.
+`Graph` gives the rules what they need: producers, consumers, constant values, and node
+replacement that keeps the node list topologically ordered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+class Graph:
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.g = proto.graph
+        self.inits = {i.name: i for i in self.g.initializer}
+        self.outputs = {o.name for o in self.g.output}
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for o in n.output:
+                self.producer[o] = n
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def prod(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op_type else None
+
+    def only_use(self, name: str) -> bool:
+        """`name` feeds exactly one node and is not a graph output (safe to fuse away)."""
+        return len(self.consumers.get(name, [])) == 1 and name not in self.outputs
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of a small constant (initializer stored inline or Constant node)."""
+        t = self.inits.get(name)
+        if t is not None:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                return None
+            return numpy_helper.to_array(t)
+        n = self.producer.get(name)
+        if n is not None and n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def is_weight(self, name: str) -> bool:
+        return name in self.inits
+
+    def replace(self, old: list[onnx.NodeProto], new: list[onnx.NodeProto], at: onnx.NodeProto) -> None:
+        """Remove `old`, put `new` where `at` was (callers pick an `at` after every input of
+        `new` is produced and before every consumer of its outputs)."""
+        drop = {id(n) for n in old}
+        nodes = []
+        for n in self.g.node:
+            if n is at:
+                nodes.extend(new)
+            if id(n) not in drop:
+                nodes.append(n)
+        del self.g.node[:]
+        self.g.node.extend(nodes)
+        self.refresh()
+
+
+def other_input(node: onnx.NodeProto, name: str) -> str:
+    """The input of a binary node that is not `name`."""
+    a, b = node.input
+    return b if a == name else a
+
+
+def scalar(g: Graph, name: str) -> float | None:
+    v = g.const(name)
+    if v is None or v.size != 1:
+        return None
+    return float(v.reshape(()))
+
+
+@dataclass
+class Rule:
+    name: str
+
+    def match(self, g: Graph, node: onnx.NodeProto) -> dict[str, Any] | str:
+        raise NotImplementedError
+
+    def rewrite(self, g: Graph, m: dict[str, Any]) -> None:
+        raise NotImplementedError
