@@ -59,93 +59,101 @@ def _emit(obj: dict, json_out: bool, text: str | None) -> None:
 # -- export / verify ---------------------------------------------------------------------------
 
 
+# Options shared by export and quantize: one definition each.
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity against PyTorch afterwards.")]
+OptimizeOpt = Annotated[
+    bool, typer.Option("--optimize/--no-optimize", help="Fuse for ONNX Runtime (off: portable plain-op graph).")
+]
+StepsOpt = Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")]
+BlockSizeOpt = Annotated[Optional[int], typer.Option(help="int8/int4: quantization block size (default 32).")]
+SymmetricOpt = Annotated[
+    Optional[bool],
+    typer.Option("--symmetric/--asymmetric", help="int8/int4: symmetric, or zero points per block "
+                 "(defaults: int8 symmetric, int4 asymmetric).", show_default=False),
+]
+AccuracyOpt = Annotated[
+    Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")]
+
+
+def _check_steps(steps: int) -> None:
+    if steps < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--steps")
+
+
+def _emit_artifact(res: dict, json_out: bool) -> None:
+    text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
+    if res["parity_table"]:
+        text = res["parity_table"] + "\n" + text
+    _emit(res, json_out, text)
+
+
 @app.command()
 def export(
     model: Annotated[
         Optional[str],
         typer.Argument(help="Checkpoint directory, .gguf file or preset name. Default: the bundled real Gemma 3 270M."),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = ...,
+    out: OutOpt = ...,
     precision: Annotated[
         str, typer.Option(help="fp32 (reference graph), int8, int4, or gguf (the GGUF's own blocks, carried exactly).")
     ] = "fp32",
     max_length: Annotated[
         Optional[int], typer.Option(help="Context length the artifact advertises (default: the model's).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity after export.")] = True,
-    optimize: Annotated[
-        bool, typer.Option("--optimize/--no-optimize", help="Fuse for ONNX Runtime (off: portable plain-op graph).")
-    ] = True,
-    steps: Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")] = 64,
-    block_size: Annotated[Optional[int], typer.Option(help="int8/int4: quantization block size (default 32).")] = None,
-    symmetric: Annotated[
-        Optional[bool],
-        typer.Option("--symmetric/--asymmetric", help="int8/int4: symmetric, or zero points per block "
-                     "(defaults: int8 symmetric, int4 asymmetric).", show_default=False),
-    ] = None,
-    accuracy_level: Annotated[
-        Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
-    ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
+    force: ForceOpt = False,
+    verify: VerifyOpt = True,
+    optimize: OptimizeOpt = True,
+    steps: StepsOpt = 64,
+    block_size: BlockSizeOpt = None,
+    symmetric: SymmetricOpt = None,
+    accuracy_level: AccuracyOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Export MODEL to an ONNX artifact with a KV cache, then verify parity with PyTorch."""
     from gemma_export.exporter.pipeline import export_artifact
     from gemma_export.exporter.precision import Precision
 
     prec = _choice(Precision, precision, "--precision")
-    if steps < 1:
-        raise typer.BadParameter("must be >= 1", param_hint="--steps")
+    _check_steps(steps)
     res = export_artifact(
         model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
         block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
         optimize=optimize, progress=_progress(json_out),
     )
-    text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
-    if res["parity_table"]:
-        text = res["parity_table"] + "\n" + text
-    _emit(res, json_out, text)
+    _emit_artifact(res, json_out)
 
 
 @app.command()
 def quantize(
     src: Annotated[Path, typer.Argument(help="An fp32 artifact directory written by `export`.")],
     precision: Annotated[str, typer.Option(help="int8, int4, or gguf (the GGUF source's own blocks).")] = ...,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")] = ...,
-    block_size: Annotated[Optional[int], typer.Option(help="int8/int4: quantization block size (default 32).")] = None,
-    symmetric: Annotated[
-        Optional[bool],
-        typer.Option("--symmetric/--asymmetric", help="int8/int4: symmetric, or zero points per block "
-                     "(defaults: int8 symmetric, int4 asymmetric).", show_default=False),
-    ] = None,
-    accuracy_level: Annotated[
-        Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
-    ] = None,
+    out: OutOpt = ...,
+    block_size: BlockSizeOpt = None,
+    symmetric: SymmetricOpt = None,
+    accuracy_level: AccuracyOpt = None,
     model: Annotated[Optional[str], typer.Option(help="Source model for verify (default: the manifest's).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity after quantizing.")] = True,
-    optimize: Annotated[
-        bool, typer.Option("--optimize/--no-optimize", help="Fuse for ONNX Runtime after quantizing.")
-    ] = True,
-    steps: Annotated[int, typer.Option(help="Greedy decode steps compared during verify.")] = 64,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
+    force: ForceOpt = False,
+    verify: VerifyOpt = True,
+    optimize: OptimizeOpt = True,
+    steps: StepsOpt = 64,
+    json_out: JsonOpt = False,
 ) -> None:
     """Make an int8 / int4 / gguf artifact from an fp32 one, then verify parity with PyTorch."""
     from gemma_export.exporter.pipeline import quantize_artifact
     from gemma_export.exporter.precision import Precision
 
     prec = _choice(Precision, precision, "--precision")
-    if steps < 1:
-        raise typer.BadParameter("must be >= 1", param_hint="--steps")
+    _check_steps(steps)
     res = quantize_artifact(
         src, out, precision=prec, force=force, verify=verify, steps=steps, block_size=block_size,
         symmetric=symmetric, accuracy_level=accuracy_level, model=model,
         optimize=optimize, progress=_progress(json_out),
     )
-    text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
-    if res["parity_table"]:
-        text = res["parity_table"] + "\n" + text
-    _emit(res, json_out, text)
+    _emit_artifact(res, json_out)
 
 
 @app.command()
@@ -154,14 +162,13 @@ def verify(
     model: Annotated[
         Optional[str], typer.Option(help="Source model to compare with (default: the one the manifest names).")
     ] = None,
-    steps: Annotated[int, typer.Option(help="Greedy decode steps compared.")] = 64,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")] = False,
+    steps: StepsOpt = 64,
+    json_out: JsonOpt = False,
 ) -> None:
     """Check an artifact's checksums and its parity with the PyTorch model; writes parity.json."""
     from gemma_export.exporter.pipeline import verify_dir
 
-    if steps < 1:
-        raise typer.BadParameter("must be >= 1", param_hint="--steps")
+    _check_steps(steps)
     res = verify_dir(artifact, model, steps=steps, progress=_progress(json_out))
     _emit(res, json_out, res["parity_table"])
 
