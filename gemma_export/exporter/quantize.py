@@ -238,21 +238,48 @@ class _Source:
         return b
 
 
-def _matmulnbits(name: str, a: str, out: str, b: Blocks, prefix: str, inits: list, level: int) -> onnx.NodeProto:
+def _matmulnbits(name: str, a: str, out: str, b: Blocks, prefix: str, inits: list, level: int) -> list[onnx.NodeProto]:
+    """Nodes computing out = a @ dequantize(b).T.
+
+    Float zero points (GGUF K-quants: w = scale*q - min) put MatMulNBits on a path about
+    60x slower than integer ones on CPU. So those run as integer codes around the kernel's
+    default zero point m = 2**(bits-1), plus an exact per-block correction:
+    w = scale*(q - m) + scale*(m - z), hence a . w = MatMulNBits(a) + sum_b c_b * sum_{i in b} a_i
+    with c_b = scale_b * (m - z_b). Centring on m keeps the int8-activation kernel's error
+    as small as for ordinary symmetric codes.
+
+        a ─ MatMulNBits(codes, scales) ───────────────────────── Add ─ out
+        a ─ Reshape[.., kb, bs] ─ ReduceSum(-1) ─ MatMul(c^T) ──┘
+    """
     n, kb, bs = b.codes.shape
     inits.append(numpy_helper.from_array(pack(b.codes, b.bits), f"{prefix}.qweight"))
     inits.append(numpy_helper.from_array(b.scales.reshape(n, kb).astype(np.float32), f"{prefix}.scales"))
     inputs = [a, f"{prefix}.qweight", f"{prefix}.scales"]
-    if not b.default_zero_point:
-        zp = b.zero_points.astype(np.float32).reshape(-1) if b.zero_points.dtype == np.float32 else pack_zero_points(b.zero_points, b.bits)
-        inits.append(numpy_helper.from_array(zp, f"{prefix}.zero_points"))
+    float_zp = b.zero_points.dtype == np.float32
+    if not float_zp and not b.default_zero_point:
+        inits.append(numpy_helper.from_array(pack_zero_points(b.zero_points, b.bits), f"{prefix}.zero_points"))
         inputs.append(f"{prefix}.zero_points")
-    # 8-bit codes with float zero points are not supported by the CPU kernel; the GGUF
-    # K-quant path only produces float zero points for 4-bit codes (Q4_K).
-    return helper.make_node(
-        "MatMulNBits", inputs, [out], name=name, domain=MS_DOMAIN,
-        K=kb * bs, N=n, bits=b.bits, block_size=bs, accuracy_level=level,
-    )
+    attrs = dict(K=kb * bs, N=n, bits=b.bits, block_size=bs, accuracy_level=level)
+    if not float_zp:
+        return [helper.make_node("MatMulNBits", inputs, [out], name=name, domain=MS_DOMAIN, **attrs)]
+    mid = 2 ** (b.bits - 1)
+    corr_w = (b.scales * (mid - b.zero_points)).astype(np.float32)  # [N, kb]
+    base = name.rsplit("/", 1)[0]
+    inits += [
+        numpy_helper.from_array(np.ascontiguousarray(corr_w.T), f"{prefix}.block_offsets"),  # [kb, N]
+        numpy_helper.from_array(np.array([-1, kb, bs], np.int64), f"{prefix}.block_shape"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}.last_axis"),
+    ]
+    scaled, sums, flat, corr = (f"{out}/{t}" for t in ("centred", "block_sums", "blocks", "offset"))
+    return [
+        helper.make_node("MatMulNBits", inputs, [scaled], name=name, domain=MS_DOMAIN, **attrs),
+        helper.make_node("Reshape", [a, f"{prefix}.block_shape"], [flat], name=f"{base}/BlockReshape"),
+        helper.make_node("ReduceSum", [flat, f"{prefix}.last_axis"], [sums], name=f"{base}/BlockSum", keepdims=0),
+        helper.make_node("MatMul", [sums, f"{prefix}.block_offsets"], [f"{corr}2d"], name=f"{base}/OffsetMatMul"),
+        helper.make_node("Shape", [scaled], [f"{corr}/shape"], name=f"{base}/OffsetShape"),
+        helper.make_node("Reshape", [f"{corr}2d", f"{corr}/shape"], [corr], name=f"{base}/OffsetReshape"),
+        helper.make_node("Add", [scaled, corr], [out], name=f"{base}/OffsetAdd"),
+    ]
 
 
 def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | None = None, progress=None) -> dict:
@@ -274,14 +301,14 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             w = numpy_helper.to_array(inits[wname]).T  # exporter stores [K, N]; blocks run along K
             b = src.blocks(wname, w)
             prefix = wname[: -len(".weight")]
-            nodes.append(_matmulnbits(node.name.replace("/MatMul", "/MatMulNBits"), node.input[0], node.output[0],
+            nodes.extend(_matmulnbits(node.name.replace("/MatMul", "/MatMulNBits"), node.input[0], node.output[0],
                                       b, prefix, new_inits, recipe.accuracy_level))
             drop.add(wname)
             summary["matmuls"] += 1
             summary["bits"][wname] = [b.bits, b.block_size]
         elif node.op_type == "Gemm" and node.input[1] == EMBED:
             embed_blocks = embed_blocks or src.blocks(EMBED, numpy_helper.to_array(inits[EMBED]))
-            nodes.append(_lm_head(node, embed_blocks, new_inits, recipe.accuracy_level))
+            nodes.extend(_lm_head(node, embed_blocks, new_inits, recipe.accuracy_level))
             summary["lm_head"] = True
         elif node.op_type == "Gather" and node.input[0] == EMBED:
             embed_blocks = embed_blocks or src.blocks(EMBED, numpy_helper.to_array(inits[EMBED]))
@@ -318,7 +345,7 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
 _EMBED_PREFIX = "model.embed_tokens"
 
 
-def _lm_head(node: onnx.NodeProto, b: Blocks, inits: list, level: int) -> onnx.NodeProto:
+def _lm_head(node: onnx.NodeProto, b: Blocks, inits: list, level: int) -> list[onnx.NodeProto]:
     """Gemm(h2d, E, transB=1) reads E as [V, H] = [N, K]: exactly MatMulNBits' layout."""
     assert any(a.name == "transB" and a.i == 1 for a in node.attribute)
     return _matmulnbits("/lm_head/MatMulNBits", node.input[0], node.output[0], b, _EMBED_PREFIX, inits, level)
@@ -383,6 +410,9 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
             zp = np.full((n, kb), 2 ** (bits - 1), np.uint8)
         w = Blocks(codes, scales, zp, bits).dequantize()
         prefix = node.input[1][: -len(".qweight")]
+        if f"{prefix}.block_offsets" in inits:  # float-zero-point blocks (see _matmulnbits)
+            offsets = numpy_helper.to_array(inits[f"{prefix}.block_offsets"]).T  # [N, kb]
+            w = (w.reshape(n, kb, bs) + offsets[..., None]).reshape(n, k)
         name = prefix[: -len(".MatMul")] + ".weight" if prefix.endswith(".MatMul") else prefix + ".weight"
         out[name] = w
     return out

@@ -187,3 +187,38 @@ def test_real_int4_size_proves_embedding_quantized_once(real_quantized):
     # 268M weights at 4 bits is 134 MB (+ fp32 scales, 1/8 of that per copy); one fp32
     # copy of the 262144 x 640 embedding alone would be 671 MB.
     assert res["size_bytes"] < 250e6, res["size_bytes"]
+
+
+def test_float_zero_points_become_integer_codes_plus_exact_offset():
+    """GGUF K-quants (w = scale*q - min) run through the fast integer-zero-point kernel plus
+    a block-sum correction; the result equals x @ dequantize(w).T."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gemma_export.exporter.quantize import Blocks, _matmulnbits
+
+    rng = np.random.default_rng(3)
+    n, kb, bs = 24, 4, 32
+    b = Blocks(
+        rng.integers(0, 16, (n, kb, bs)).astype(np.uint8),
+        (rng.random((n, kb)) * 0.05).astype(np.float32),
+        (rng.random((n, kb)) * 10).astype(np.float32),
+        4,
+    )
+    inits = []
+    nodes = _matmulnbits("/t/MatMulNBits", "x", "y", b, "t", inits, level=0)
+    assert [x.op_type for x in nodes][0] == "MatMulNBits" and "ReduceSum" in [x.op_type for x in nodes]
+    assert len(nodes[0].input) == 3  # the kernel's default (integer) zero point: the fast path
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, kb * bs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, kb * bs)).astype(np.float32)
+    y = sess.run(None, {"x": x})[0]
+    ref = x @ b.dequantize().T
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    # and dequantized_weights reads the same matrix back
+    w = dequantized_weights(model)["t.weight"]
+    np.testing.assert_allclose(w, b.dequantize(), rtol=1e-5, atol=1e-6)
