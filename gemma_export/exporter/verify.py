@@ -211,6 +211,7 @@ def verify_artifact(
     prompts = make_prompts(sess.vocab_size, encode)
 
     max_abs, rel, agree, total, nonfinite, incr = 0.0, 0.0, 0, 0, 0, 0.0
+    incr_agree, incr_total = 0, 0
     seqs, onnx_rows = [], []
     for i, prompt in enumerate(prompts):
         progress.count("comparing prompts", i, len(prompts))
@@ -227,6 +228,8 @@ def verify_artifact(
         full_ids = np.array([prompt + tokens[:-1]], np.int64)
         full, _ = sess.forward(full_ids, np.ones_like(full_ids), np.arange(full_ids.shape[1])[None], sess.new_cache(1))
         incr = max(incr, _rel_l2(got[:-1], full[0]))
+        incr_agree += int((got[:-1].argmax(-1) == full[0].argmax(-1)).sum())
+        incr_total += full.shape[1]
         seqs.append(prompt + tokens)
         onnx_rows.append(got)
     progress.count("comparing prompts", len(prompts), len(prompts))
@@ -234,7 +237,9 @@ def verify_artifact(
     batch_steps = min(BATCH_STEPS, steps)
     lens = [len(p) for p in prompts]
     batched = onnx_ragged_batch(sess, seqs, lens, batch_steps)
-    batch_rel = max(_rel_l2(b, alone[: n + batch_steps]) for b, alone, n in zip(batched, onnx_rows, lens))
+    pairs = [(b, alone[: n + batch_steps]) for b, alone, n in zip(batched, onnx_rows, lens)]
+    batch_rel = max(_rel_l2(b, a) for b, a in pairs)
+    batch_agree = float(np.mean(np.concatenate([b.argmax(-1) == a.argmax(-1) for b, a in pairs])))
 
     metrics = []
     ppl_rows: list[Metric] = []
@@ -265,8 +270,8 @@ def verify_artifact(
     metrics += [
         Metric(f"greedy top-1 agreement ({total} steps)", agree / max(total, 1), th.top1_agreement, ">="),
         Metric("non-finite logits", nonfinite, 0, "<="),
-        Metric("prefill+decode vs one forward (rel L2)", incr, th.consistency_rel_l2, "<="),
-        Metric("ragged batch vs alone (rel L2)", batch_rel, th.consistency_rel_l2, "<="),
+        *_consistency("prefill+decode vs one forward", incr, incr_agree / max(incr_total, 1), th),
+        *_consistency("ragged batch vs alone", batch_rel, batch_agree, th),
         *ppl_rows,
     ]
     return ParityReport(
@@ -277,6 +282,14 @@ def verify_artifact(
         steps=steps,
         seconds=round(time.perf_counter() - t0, 2),
     )
+
+
+def _consistency(name: str, rel: float, top1: float, th) -> list[Metric]:
+    """Two ONNX paths that must compute the same thing: by rel L2 where the precision has a
+    logits criterion, else by top-1 agreement (rel L2 then reported, see precision.py)."""
+    if th.consistency_rel_l2 is not None:
+        return [Metric(f"{name} (rel L2)", rel, th.consistency_rel_l2, "<=")]
+    return [Metric(f"{name} (top-1)", top1, th.top1_agreement, ">="), Metric(f"{name} (rel L2)", rel, None, "info")]
 
 
 def format_report(report: ParityReport) -> str:

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from gemma_export.errors import ParityError
 from gemma_export.exporter.pipeline import quantize_artifact
 from gemma_export.exporter.quantize import (
     gguf_blocks,
@@ -156,18 +157,18 @@ def real_quantized(real_artifact, tmp_path_factory, real_ckpt):
         for p in ("int8", "int4", "gguf"):
             try:
                 out[p] = (root / p, quantize_artifact(src, root / p, precision=p))
-            except Exception as e:  # keep the others; the test for p reports the failure
-                out[p] = (root / p, e)
+            except ParityError as e:  # the artifact is written; its report says what missed
+                out[p] = (root / p, e.result)
         return out
     finally:
         pipeline._load_source = orig
 
 
 INT4_MISS = (
-    "Known miss, measured: round-to-nearest int4 (block 32, asymmetric) keeps about 68% corpus top-1 "
-    "agreement with fp32 on Gemma 3 270M, below DESIGN.md's 90%; every weight group alone at int4 "
-    "already drops it to 82-92%. The gguf recipe (the file's own 4/5/6/8-bit blocks) passes instead. "
-    "strict: this test fails the day int4 starts passing, so the threshold note gets updated."
+    "Known miss, measured: round-to-nearest int4 (block 32, asymmetric) keeps 65% corpus top-1 "
+    "agreement with fp32 on Gemma 3 270M (perplexity +42%), below DESIGN.md's 90% / +15%; every "
+    "weight group alone at int4 already drops it to 82-92%. The gguf recipe (the file's own "
+    "4/5/6/8-bit blocks) passes instead. strict: this fails the day int4 passes, so the note gets updated."
 )
 
 
@@ -177,7 +178,6 @@ INT4_MISS = (
 )
 def test_real_recipes_meet_thresholds(real_quantized, precision):
     out, res = real_quantized[precision]
-    assert not isinstance(res, Exception), f"{precision}: {res}\n{getattr(res, 'result', {}) and res.result.get('parity_table')}"
     assert res["parity"]["passed"], res["parity_table"]
 
 
