@@ -35,27 +35,41 @@ _UNLISTED = {MANIFEST, PARITY_FILE}
 
 
 def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse what would clobber or cannot be written, before any work is done."""
+    """Refuse what would clobber or cannot be written, before any work is done. Missing
+    parent directories are fine: they are created (and removed again if the export fails)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out}: directory is not empty (pass --force to replace it)")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ExportError(f"--out {out}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"--out {out}: parent directory {parent} is not writable")
+    anchor = _existing_ancestor(out.absolute().parent)
+    if not anchor.is_dir():
+        raise ExportError(f"--out {out}: {anchor} is not a directory")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: {anchor} is not writable")
+
+
+def _existing_ancestor(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 @contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield an empty sibling directory; on success rename it onto `out`, on any error
-    (KeyboardInterrupt included) remove it."""
+    (KeyboardInterrupt included) remove it, and any parent directories made for it."""
     check_out_dir(out, force)
     parent = out.absolute().parent
+    made = []
+    p = parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
+        _remove_empty(made)
         raise ExportError(f"--out {out}: cannot create a directory beside it ({e.strerror})") from e
     try:
         yield tmp
@@ -68,7 +82,17 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories we created (deepest first), if nothing else was put there."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def file_table(d: Path) -> dict[str, dict[str, Any]]:

@@ -109,12 +109,18 @@ def test_out_is_a_file(tmp_path):
     assert out.read_text() == "not a directory"
 
 
-def test_parent_does_not_exist(tmp_path):
+def test_missing_parents_are_created_and_removed_on_failure(tmp_path, monkeypatch, exported):
     out = tmp_path / "no" / "such" / "out"
-    with pytest.raises(ExportError) as e:
+    def failing(model, out_dir):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "export_onnx", failing)
+    with pytest.raises(RuntimeError):
         export_artifact(PRESET, out, verify=False)
-    one_line(e, str(out), "does not exist")
-    assert not (tmp_path / "no").exists()
+    assert not (tmp_path / "no").exists()  # nothing half-made left behind
+    monkeypatch.setattr(pipeline, "export_onnx", copying_export(exported))
+    export_artifact(PRESET, out, verify=False)
+    assert (out / "manifest.json").is_file()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 directory anyway; see the next test")
