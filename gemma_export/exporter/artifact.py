@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from gemma_export import __version__
 from gemma_export.errors import ExportError
-from gemma_export.runtime.manifest import FORMAT_VERSION, MANIFEST, sha256_file
+from gemma_export.runtime.manifest import MANIFEST, sha256_file
 
 PARITY_FILE = "parity.json"
 TOKENIZER_FILE = "tokenizer.model"

@@ -93,8 +93,6 @@ class _Traceable(torch.nn.Module):
 @dataclass
 class ExportResult:
     model_path: Path
-    op_histogram: dict[str, int]
-    num_nodes: int
 
 
 def export_onnx(model: GemmaForCausalLM, out_dir: Path) -> ExportResult:
@@ -145,8 +143,7 @@ def export_onnx(model: GemmaForCausalLM, out_dir: Path) -> ExportResult:
     _name_nodes_and_weights(proto)
     _relocate_external_data(proto, out_dir)
     onnx.save(proto, str(raw))
-    hist = Counter(n.op_type for n in proto.graph.node)
-    return ExportResult(raw, dict(sorted(hist.items(), key=lambda kv: -kv[1])), len(proto.graph.node))
+    return ExportResult(raw)
 
 
 @contextlib.contextmanager

@@ -12,9 +12,7 @@ manifest lists them and `--no-optimize` keeps the portable plain-op graph.
 from __future__ import annotations
 
 import onnx
-from onnx import helper
-
-from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
+from gemma_export.exporter.rewrites import Graph, Rule, ensure_ms_opset
 from gemma_export.exporter.rewrites.gelu import GeluRule
 from gemma_export.exporter.rewrites.rms_norm import RMSNormRule
 from gemma_export.exporter.rewrites.skip_rms_norm import SkipRMSNormRule
@@ -46,6 +44,5 @@ def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES) -> d
     counts = {}
     for rule in rules:
         counts[rule.name], _ = apply_rule(g, rule)
-    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    ensure_ms_opset(proto)
     return counts

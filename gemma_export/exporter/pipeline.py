@@ -62,31 +62,37 @@ def make_recipe(precision: Precision, block_size: int | None = None, symmetric: 
     return dataclasses.replace(base, **changes)
 
 
+def graph_summary(proto, fusions: dict[str, int]) -> dict:
+    """The manifest's `graph` entry: node count, op histogram, fusions applied."""
+    hist = Counter(n.op_type for n in proto.graph.node)
+    return {"nodes": len(proto.graph.node), "op_types": dict(hist.most_common()), "fusions": fusions}
+
+
 def _quantize_into(src_model: Path, dst: Path, recipe: Recipe, gguf_path: Path | None, progress: Progress,
-                   optimize: bool = True) -> dict:
-    """Read an fp32 graph, rewrite it with `recipe`, save into dst (model.onnx + data)."""
+                   optimize: bool) -> tuple[dict, dict]:
+    """Read an fp32 graph, rewrite it with `recipe` (then fuse), save into dst (model.onnx +
+    data). Returns (quantization summary, graph summary)."""
     import onnx
 
     proto = onnx.load(str(src_model))
     summary = quantize_graph(proto, recipe, gguf_path, progress)
-    if optimize:
-        summary["fusions"] = optimize_graph(proto)
+    fusions = optimize_graph(proto) if optimize else {}
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
-    hist = Counter(n.op_type for n in proto.graph.node)
-    summary["op_types"] = dict(sorted(hist.items(), key=lambda kv: -kv[1]))
-    summary["nodes"] = len(proto.graph.node)
-    return summary
+    return summary, graph_summary(proto, fusions)
 
 
-def _optimize_in_place(d: Path) -> dict[str, int]:
-    """Fuse the fp32 graph in `d` (structure only; the weights file is untouched)."""
+def _finish_fp32(d: Path, optimize: bool) -> dict:
+    """Fuse the fp32 graph in `d` when asked (structure only; the weights file is untouched);
+    return its graph summary."""
     import onnx
 
     proto = onnx.load(str(d / MODEL_FILE), load_external_data=False)
-    fusions = optimize_graph(proto)
-    onnx.save(proto, str(d / MODEL_FILE))
-    return fusions
+    fusions = {}
+    if optimize:
+        fusions = optimize_graph(proto)
+        onnx.save(proto, str(d / MODEL_FILE))
+    return graph_summary(proto, fusions)
 
 
 def _contrib_ops(op_types: dict[str, int]) -> list[str]:
@@ -168,26 +174,18 @@ def export_artifact(
     with art.staging_dir(out, force) as tmp:
         if recipe is None:
             with progress.stage("tracing to ONNX"):
-                result = export_onnx(ckpt.model, tmp)
-            fusions = {}
-            if optimize:
-                with progress.stage("fusing for ONNX Runtime"):
-                    fusions = _optimize_in_place(tmp)
-            import onnx
-
-            hist = Counter(n.op_type for n in onnx.load(str(tmp / MODEL_FILE), load_external_data=False).graph.node)
-            graph = {"nodes": sum(hist.values()), "op_types": dict(hist.most_common()), "fusions": fusions}
+                export_onnx(ckpt.model, tmp)
+            with progress.stage("fusing for ONNX Runtime" if optimize else "summarising graph"):
+                graph = _finish_fp32(tmp, optimize)
         else:
             fp32 = tmp / ".fp32"
             fp32.mkdir()
             with progress.stage("tracing to ONNX"):
                 export_onnx(ckpt.model, fp32)
             with progress.stage(f"quantizing ({precision.value})"):
-                summary = _quantize_into(fp32 / MODEL_FILE, tmp, recipe, ckpt.path if ckpt.kind == "gguf" else None,
-                                         progress, optimize)
+                summary, graph = _quantize_into(fp32 / MODEL_FILE, tmp, recipe,
+                                                ckpt.path if ckpt.kind == "gguf" else None, progress, optimize)
             shutil.rmtree(fp32)
-            graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types"),
-                     "fusions": summary.pop("fusions", {})}
         with progress.stage("writing artifact"):
             tok = tokenizer_bytes(ckpt)
             _write_side_files(tmp, cfg, tok)
@@ -203,7 +201,7 @@ def export_artifact(
         if verify:
             with progress.stage("verifying parity"):
                 report = _verify(tmp, ckpt, steps, progress)
-    return _result(out, ckpt, precision, t0, manifest, report)
+    return _result(out, ckpt.description, precision, t0, manifest, report)
 
 
 def _source(spec: str | None, ckpt: Checkpoint) -> dict:
@@ -215,10 +213,10 @@ def _source(spec: str | None, ckpt: Checkpoint) -> dict:
     }
 
 
-def _result(out: Path, ckpt: Checkpoint, precision: Precision, t0: float, manifest: dict, report) -> dict:
+def _result(out: Path, model: str, precision: Precision, t0: float, manifest: dict, report) -> dict:
     res = {
         "out": str(out),
-        "model": ckpt.description,
+        "model": model,
         "precision": precision.value,
         "seconds": round(time.perf_counter() - t0, 1),
         "size_bytes": sum(f["size"] for f in manifest["files"].values()),
@@ -271,9 +269,7 @@ def quantize_artifact(
     cfg = GemmaConfig.from_dict(manifest["config"])
     with art.staging_dir(out, force) as tmp:
         with progress.stage(f"quantizing ({precision.value})"):
-            summary = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress, optimize)
-        graph = {"nodes": summary.pop("nodes"), "op_types": summary.pop("op_types"),
-                 "fusions": summary.pop("fusions", {})}
+            summary, graph = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress, optimize)
         tok = (src / art.TOKENIZER_FILE).read_bytes() if manifest.get("tokenizer") else None
         _write_side_files(tmp, cfg, tok)
         new = _manifest(
@@ -285,14 +281,7 @@ def quantize_artifact(
         if verify:
             with progress.stage("verifying parity"):
                 report = _verify(tmp, ckpt, steps, progress)
-    return _result(out, ckpt or _Described(manifest), precision, t0, new, report)
-
-
-class _Described:
-    """Stands in for a Checkpoint where only its description is needed."""
-
-    def __init__(self, manifest: dict):
-        self.description = manifest["source"]["description"]
+    return _result(out, ckpt.description if ckpt else source["description"], precision, t0, new, report)
 
 
 def _load_source(d: Path, manifest: dict, model: str | None) -> Checkpoint:

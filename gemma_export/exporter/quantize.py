@@ -37,9 +37,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gemma_export.errors import ExportError
+from gemma_export.exporter.rewrites import MS_DOMAIN, ensure_ms_opset
 
 EMBED = "model.embed_tokens.weight"
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -292,11 +292,11 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
     nodes: list[onnx.NodeProto] = []
     summary = {"matmuls": 0, "lm_head": False, "embedding": False, "bits": {}}
     embed_blocks: Blocks | None = None
-    consumers = [n for n in g.node]
-    targets = [n for n in consumers if n.op_type in ("MatMul", "Gemm", "Gather") and len(n.input) > 1]
+    targets = sum(_kind(n, inits) is not None for n in g.node)
     done = 0
     for node in g.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and node.input[1].endswith(".MatMul.weight"):
+        kind = _kind(node, inits)
+        if kind == "matmul":
             wname = node.input[1]
             w = numpy_helper.to_array(inits[wname]).T  # exporter stores [K, N]; blocks run along K
             b = src.blocks(wname, w)
@@ -306,11 +306,11 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             drop.add(wname)
             summary["matmuls"] += 1
             summary["bits"][wname] = [b.bits, b.block_size]
-        elif node.op_type == "Gemm" and node.input[1] == EMBED:
+        elif kind == "lm_head":
             embed_blocks = embed_blocks or src.blocks(EMBED, numpy_helper.to_array(inits[EMBED]))
             nodes.extend(_lm_head(node, embed_blocks, new_inits, recipe.accuracy_level))
             summary["lm_head"] = True
-        elif node.op_type == "Gather" and node.input[0] == EMBED:
+        elif kind == "embedding":
             embed_blocks = embed_blocks or src.blocks(EMBED, numpy_helper.to_array(inits[EMBED]))
             nodes.extend(_embedding(node, embed_blocks, new_inits))
             summary["embedding"] = True
@@ -319,27 +319,31 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             continue
         done += 1
         if progress is not None:
-            progress.count("quantizing", done, len(targets))
+            progress.count("quantizing", done, targets)
     if not (summary["lm_head"] and summary["embedding"]):
         raise ExportError("the graph's tied embedding (Gather + Gemm) was not found; is this an fp32 artifact?")
     drop.add(EMBED)
     if embed_blocks is not None:
         summary["bits"][EMBED] = [embed_blocks.bits, embed_blocks.block_size]
-    # Shared quantized embedding: written once (both helpers name the same initializer).
-    seen: set[str] = set()
     kept = [i for i in g.initializer if i.name not in drop]
     del g.initializer[:]
-    g.initializer.extend(kept)
-    for t in new_inits:
-        if t.name not in seen:
-            seen.add(t.name)
-            g.initializer.append(t)
+    g.initializer.extend(kept + new_inits)  # the embedding's codes are written once, by _lm_head
     del g.node[:]
     g.node.extend(nodes)
-    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    ensure_ms_opset(proto)
     summary["gguf_zero_scale_blocks"] = src.zero_scale_blocks
     return summary
+
+
+def _kind(node: onnx.NodeProto, inits: dict) -> str | None:
+    """Which rewrite a node gets: a weight MatMul, the tied LM head, the embedding gather."""
+    if node.op_type == "MatMul" and node.input[1] in inits and node.input[1].endswith(".MatMul.weight"):
+        return "matmul"
+    if node.op_type == "Gemm" and node.input[1] == EMBED:
+        return "lm_head"
+    if node.op_type == "Gather" and node.input[0] == EMBED:
+        return "embedding"
+    return None
 
 
 _EMBED_PREFIX = "model.embed_tokens"

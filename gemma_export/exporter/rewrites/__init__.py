@@ -77,6 +77,12 @@ class Graph:
         self.refresh()
 
 
+def ensure_ms_opset(proto: onnx.ModelProto) -> None:
+    """Declare the com.microsoft domain once, for graphs that now use its contrib ops."""
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
 def other_input(node: onnx.NodeProto, name: str) -> str:
     """The input of a binary node that is not `name`."""
     a, b = node.input
