@@ -99,7 +99,8 @@ def export(
     ] = None,
     out: OutOpt = ...,
     precision: Annotated[
-        str, typer.Option(help="fp32 (reference graph), int8, int4, or gguf (the GGUF's own blocks, carried exactly).")
+        str, typer.Option(help="fp32 (reference graph), fp16 / bf16 (mixed precision, for CUDA), int8, int4, or gguf "
+                               "(the GGUF's own blocks, carried exactly).")
     ] = "fp32",
     max_length: Annotated[
         Optional[int], typer.Option(help="Context length the artifact advertises (default: the model's).")
@@ -130,7 +131,9 @@ def export(
 @app.command()
 def quantize(
     src: Annotated[Path, typer.Argument(help="An fp32 artifact directory written by `export`.")],
-    precision: Annotated[str, typer.Option(help="int8, int4, or gguf (the GGUF source's own blocks).")] = ...,
+    precision: Annotated[
+        str, typer.Option(help="fp16 / bf16 (mixed precision, for CUDA), int8, int4, or gguf (the GGUF source's own blocks).")
+    ] = ...,
     out: OutOpt = ...,
     block_size: BlockSizeOpt = None,
     symmetric: SymmetricOpt = None,

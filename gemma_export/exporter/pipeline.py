@@ -16,6 +16,7 @@ from typing import Any
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError
 from gemma_export.exporter import artifact as art
 from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, OPSET, export_onnx, io_spec
+from gemma_export.exporter import narrow
 from gemma_export.exporter.optimize import optimize_graph
 from gemma_export.exporter.precision import Precision
 from gemma_export.exporter.quantize import RECIPES, Recipe, quantize_graph
@@ -49,10 +50,15 @@ KEPT_FP32_QUANTIZED = [
 
 
 def make_recipe(precision: Precision, block_size: int | None = None, symmetric: bool | None = None,
-                accuracy_level: int | None = None) -> Recipe:
-    base = RECIPES[precision.value]
+                accuracy_level: int | None = None) -> Recipe | narrow.NarrowRecipe:
     changes = {k: v for k, v in dict(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level).items()
                if v is not None}
+    if precision in (Precision.FP16, Precision.BF16):
+        if changes:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changes)
+            raise CheckpointError(f"--precision {precision.value}: {flags} apply to int8, int4 and gguf only")
+        return narrow.NarrowRecipe(precision.value)
+    base = RECIPES[precision.value]
     if precision == Precision.GGUF and {"block_size", "symmetric"} & changes.keys():
         raise CheckpointError("--precision gguf: block size and symmetry come from the GGUF file")
     if "block_size" in changes and (changes["block_size"] < 16 or changes["block_size"] & (changes["block_size"] - 1)):
@@ -68,18 +74,64 @@ def graph_summary(proto, fusions: dict[str, int]) -> dict:
     return {"nodes": len(proto.graph.node), "op_types": dict(hist.most_common()), "fusions": fusions}
 
 
-def _quantize_into(src_model: Path, dst: Path, recipe: Recipe, gguf_path: Path | None, progress: Progress,
-                   optimize: bool) -> tuple[dict, dict]:
-    """Read an fp32 graph, rewrite it with `recipe` (then fuse), save into dst (model.onnx +
-    data). Returns (quantization summary, graph summary)."""
+def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRecipe, gguf_path: Path | None,
+                   progress: Progress, optimize: bool, calibration=None) -> tuple[dict, dict, dict]:
+    """Read an fp32 graph, rewrite it with `recipe` (fusing first for fp16/bf16, after for
+    the integer recipes), save into dst (model.onnx + data, and model.cpu.onnx for bf16).
+    `calibration()` gives the tokens fp16's range guard runs on. Returns (recipe summary,
+    graph summary, manifest extras)."""
     import onnx
 
     proto = onnx.load(str(src_model))
-    summary = quantize_graph(proto, recipe, gguf_path, progress)
-    fusions = optimize_graph(proto) if optimize else {}
+    extra: dict[str, Any] = {}
+    if isinstance(recipe, narrow.NarrowRecipe):
+        keep = {}
+        if calibration is not None:
+            with progress.stage("calibrating fp16 ranges"):
+                keep = narrow.range_guard(src_model, proto, calibration())
+        fusions = optimize_graph(proto) if optimize else {}
+        summary = narrow.narrow_graph(proto, recipe, keep)
+    else:
+        summary = quantize_graph(proto, recipe, gguf_path, progress)
+        fusions = optimize_graph(proto) if optimize else {}
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
-    return summary, graph_summary(proto, fusions)
+    if isinstance(recipe, narrow.NarrowRecipe):
+        # The same weights file, read by the graph that computes on CPU what CUDA computes.
+        onnx.save(narrow.cpu_fallback_graph(proto), str(dst / narrow.CPU_MODEL_FILE))
+        extra["provider_model_files"] = {"cpu": narrow.CPU_MODEL_FILE}
+    return summary, graph_summary(proto, fusions), extra
+
+
+def _kept_fp32(recipe, summary: dict) -> list[str]:
+    if recipe is None:
+        return ["everything"]
+    if isinstance(recipe, narrow.NarrowRecipe):
+        return narrow.KEPT_FP32 + [f"product {n} (calibrated |x| {v} near fp16's limit)"
+                                   for n, v in summary["kept_fp32_products"].items()]
+    return KEPT_FP32_QUANTIZED
+
+
+def _calibration_ids(vocab_size: int, encode) -> "np.ndarray":
+    """Tokens for fp16's range guard: the start of the shipped text when there is a
+    tokenizer, seeded random ids otherwise."""
+    import numpy as np
+
+    from gemma_export.exporter.verify import CORPUS
+
+    if encode is not None:
+        ids = encode(CORPUS.read_text(encoding="utf-8")[:4000], add_bos=True)[:512]
+    else:
+        ids = np.random.default_rng(7).integers(4, vocab_size, 128).tolist()
+    return np.asarray([ids], dtype=np.int64)
+
+
+def _encoder(tok: bytes | None):
+    if tok is None:
+        return None
+    from gemma_export.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_bytes(tok).encode
 
 
 def _finish_fp32(d: Path, optimize: bool) -> dict:
@@ -158,8 +210,6 @@ def export_artifact(
 ) -> dict[str, Any]:
     out = Path(out)
     precision = Precision(precision)
-    if precision in (Precision.FP16, Precision.BF16):
-        raise CheckpointError(f"--precision {precision.value}: not available yet (fp32, int8, int4, gguf)")
     recipe = make_recipe(precision, block_size, symmetric, accuracy_level) if precision != Precision.FP32 else None
     art.check_out_dir(out, force)  # fail before minutes of loading, not after
     t0 = time.perf_counter()
@@ -171,6 +221,7 @@ def export_artifact(
     if precision == Precision.GGUF and ckpt.kind != "gguf":
         raise CheckpointError("--precision gguf: the model must be a GGUF file (or the bundled default)")
 
+    tok = tokenizer_bytes(ckpt)
     with art.staging_dir(out, force) as tmp:
         if recipe is None:
             with progress.stage("tracing to ONNX"):
@@ -183,19 +234,19 @@ def export_artifact(
             with progress.stage("tracing to ONNX"):
                 export_onnx(ckpt.model, fp32)
             with progress.stage(f"quantizing ({precision.value})"):
-                summary, graph = _quantize_into(fp32 / MODEL_FILE, tmp, recipe,
-                                                ckpt.path if ckpt.kind == "gguf" else None, progress, optimize)
+                summary, graph, extra = _quantize_into(
+                    fp32 / MODEL_FILE, tmp, recipe, ckpt.path if ckpt.kind == "gguf" else None, progress, optimize,
+                    lambda: _calibration_ids(cfg.vocab_size, _encoder(tok)))
             shutil.rmtree(fp32)
         with progress.stage("writing artifact"):
-            tok = tokenizer_bytes(ckpt)
             _write_side_files(tmp, cfg, tok)
             manifest = _manifest(
                 tmp, cfg=cfg, precision=precision,
                 recipe=recipe.to_dict() if recipe else {"name": "fp32"},
-                kept=["everything"] if recipe is None else KEPT_FP32_QUANTIZED,
+                kept=_kept_fp32(recipe, summary if recipe else {}),
                 source=_source(model, ckpt), max_length=max_length or cfg.max_position_embeddings,
                 graph=graph, has_tokenizer=tok is not None,
-                extra={"quantized": summary} if recipe else None,
+                extra={"quantized": summary, **extra} if recipe else None,
             )
         report = None
         if verify:
@@ -247,8 +298,8 @@ def quantize_artifact(
     """`gemma-export quantize SRC --precision P --out DIR`: a recipe applied to an fp32 artifact."""
     src, out = Path(src), Path(out)
     precision = Precision(precision)
-    if precision in (Precision.FP32, Precision.FP16, Precision.BF16):
-        raise CheckpointError(f"--precision {precision.value}: quantize makes int8, int4 or gguf artifacts")
+    if precision == Precision.FP32:
+        raise CheckpointError("--precision fp32: quantize makes fp16, bf16, int8, int4 or gguf artifacts")
     recipe = make_recipe(precision, block_size, symmetric, accuracy_level)
     manifest = read_manifest(src)
     if manifest["precision"] != Precision.FP32.value:
@@ -268,14 +319,15 @@ def quantize_artifact(
 
     cfg = GemmaConfig.from_dict(manifest["config"])
     with art.staging_dir(out, force) as tmp:
-        with progress.stage(f"quantizing ({precision.value})"):
-            summary, graph = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress, optimize)
         tok = (src / art.TOKENIZER_FILE).read_bytes() if manifest.get("tokenizer") else None
+        with progress.stage(f"quantizing ({precision.value})"):
+            summary, graph, extra = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress,
+                                                   optimize, lambda: _calibration_ids(cfg.vocab_size, _encoder(tok)))
         _write_side_files(tmp, cfg, tok)
         new = _manifest(
-            tmp, cfg=cfg, precision=precision, recipe=recipe.to_dict(), kept=KEPT_FP32_QUANTIZED, source=source,
-            max_length=manifest["max_length"], graph=graph, has_tokenizer=tok is not None,
-            extra={"quantized": summary, "derived_from": str(src.resolve())},
+            tmp, cfg=cfg, precision=precision, recipe=recipe.to_dict(), kept=_kept_fp32(recipe, summary),
+            source=source, max_length=manifest["max_length"], graph=graph, has_tokenizer=tok is not None,
+            extra={"quantized": summary, "derived_from": str(src.resolve()), **extra},
         )
         report = None
         if verify:

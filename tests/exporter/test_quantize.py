@@ -5,6 +5,8 @@ embedding stored once, and the real Gemma 3 270M against DESIGN.md's thresholds.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -145,7 +147,8 @@ def test_gguf_block_decoders_match_gguf(real_gguf):
 
 @pytest.fixture(scope="module")
 def real_quantized(real_artifact, tmp_path_factory, real_ckpt):
-    """int8, int4 and gguf artifacts of the real 270M, each verified against fp32 PyTorch."""
+    """fp16, bf16, int8, int4 and gguf artifacts of the real 270M, each verified against
+    fp32 PyTorch."""
     from gemma_export.exporter import pipeline
 
     src = real_artifact[0]
@@ -154,7 +157,7 @@ def real_quantized(real_artifact, tmp_path_factory, real_ckpt):
     pipeline._load_source = lambda d, m, model: real_ckpt  # the session's loaded model
     try:
         out = {}
-        for p in ("int8", "int4", "gguf"):
+        for p in ("fp16", "bf16", "int8", "int4", "gguf"):
             try:
                 out[p] = (root / p, quantize_artifact(src, root / p, precision=p))
             except ParityError as e:  # the artifact is written; its report says what missed
@@ -172,13 +175,37 @@ INT4_MISS = (
 )
 
 
+BF16_MISS = (
+    "Known miss, measured: bf16 products (fp16 tied embedding / LM head, everything else that sets "
+    "the range fp32) keep 98.9% corpus top-1 agreement with fp32 on Gemma 3 270M, under DESIGN.md's "
+    "99% (logits rel L2 0.007, teacher-forced greedy 99.0%, perplexity unchanged). bf16's 8-bit mantissa on every "
+    "product's input and output is the cost; fp16 (11 bits) keeps 99.5%. strict: update when it passes."
+)
+
+
 @pytest.mark.real
 @pytest.mark.parametrize(
-    "precision", ["int8", pytest.param("int4", marks=pytest.mark.xfail(strict=True, reason=INT4_MISS)), "gguf"]
+    "precision",
+    ["fp16", pytest.param("bf16", marks=pytest.mark.xfail(strict=True, reason=BF16_MISS)), "int8",
+     pytest.param("int4", marks=pytest.mark.xfail(strict=True, reason=INT4_MISS)), "gguf"],
 )
 def test_real_recipes_meet_thresholds(real_quantized, precision):
     out, res = real_quantized[precision]
     assert res["parity"]["passed"], res["parity_table"]
+
+
+@pytest.mark.real
+def test_real_narrow_recipes_hold_range_and_size(real_quantized):
+    """fp16: no product needed the range guard on the 270M, no inf/NaN; both narrow
+    artifacts hold the weights once at 2 bytes (268M params -> ~540 MB, fp32 is 1078 MB)."""
+    for p in ("fp16", "bf16"):
+        out, res = real_quantized[p]
+        metrics = {m["name"]: m for m in res["parity"]["metrics"]}
+        assert metrics["non-finite logits"]["measured"] == 0
+        assert metrics["logits relative L2"]["passed"], res["parity_table"]
+        assert 500e6 < res["size_bytes"] < 560e6, res["size_bytes"]
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["quantized"]["kept_fp32_products"] == {} and m["provider_model_files"] == {"cpu": "model.cpu.onnx"}
 
 
 @pytest.mark.real
