@@ -17,6 +17,11 @@ After tracing, three rewrites make the graph match DESIGN.md's contract:
      second 262144-row copy at load time.
   3. Nodes and weights are named after the module they came from
      (/model/layers.3/self_attn/q_proj/MatMul), read from the exporter's name scopes.
+  4. An optional input `num_logits_to_keep` (int64 scalar, default 0 = every position)
+     slices the hidden states before the LM head, so a prefill that only needs the next
+     token's logits skips the 262144-wide head on every other prompt position. It is an
+     initializer that is also a graph input: consumers that do not know it never feed it
+     and get the contract's full logits.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ EMBED_WEIGHT = "model.embed_tokens.weight"
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 
+# Optional input (an initializer that is also a graph input, default 0 = all positions):
+# how many trailing positions get logits. Prefill feeds 1.
+KEEP_INPUT = "num_logits_to_keep"
+
+
 def input_names(cfg: GemmaConfig) -> list[str]:
     return ["input_ids", "attention_mask", "position_ids"] + kv_names(cfg, "past_key_values")
 
@@ -69,12 +79,14 @@ def io_spec(cfg: GemmaConfig, kv_dtype: str = "float32", logits_dtype: str = "fl
         "position_ids": ("int64", [BATCH, SEQ]),
         **{n: (kv_dtype, kv_in) for n in kv_names(cfg, "past_key_values")},
     }
+    optional = {KEEP_INPUT: ("int64", [], 0)}
     outputs = {
         "logits": (logits_dtype, [BATCH, SEQ, cfg.vocab_size]),
         **{n: (kv_dtype, kv_out) for n in kv_names(cfg, "present")},
     }
     return {
-        "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in inputs.items()},
+        "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in inputs.items()}
+        | {k: {"dtype": d, "shape": s, "default": v} for k, (d, s, v) in optional.items()},
         "outputs": {k: {"dtype": d, "shape": s} for k, (d, s) in outputs.items()},
     }
 
@@ -195,9 +207,19 @@ def _tie_lm_head(proto: onnx.ModelProto, cfg: GemmaConfig) -> None:
     if len(users) != 1 or users[0].op_type != "MatMul":
         raise ExportError("the tied embedding transpose does not feed exactly one MatMul")
     mm = users[0]
-    h, out = mm.input[0], mm.output[0]
+    h_all, out = mm.input[0], mm.output[0]
     p = "/lm_head"
-    new = [
+    h = f"{p}/h_kept"
+    keep = [  # k = num_logits_to_keep; k' = min(k, S) if k > 0 else S; h[:, S-k':]
+        helper.make_node("Reshape", [KEEP_INPUT, f"{p}/one"], [f"{p}/k"], name=f"{p}/keep/Reshape"),
+        helper.make_node("Shape", [h_all], [f"{p}/seq"], name=f"{p}/keep/Shape", start=1, end=2),
+        helper.make_node("Greater", [f"{p}/k", f"{p}/zero"], [f"{p}/k_pos"], name=f"{p}/keep/Greater"),
+        helper.make_node("Min", [f"{p}/k", f"{p}/seq"], [f"{p}/k_min"], name=f"{p}/keep/Min"),
+        helper.make_node("Where", [f"{p}/k_pos", f"{p}/k_min", f"{p}/seq"], [f"{p}/k_eff"], name=f"{p}/keep/Where"),
+        helper.make_node("Sub", [f"{p}/seq", f"{p}/k_eff"], [f"{p}/start"], name=f"{p}/keep/Sub"),
+        helper.make_node("Slice", [h_all, f"{p}/start", f"{p}/seq", f"{p}/one"], [h], name=f"{p}/keep/Slice"),
+    ]
+    new = keep + [
         helper.make_node("Shape", [h], [f"{p}/h_shape"], name=f"{p}/Shape", start=0, end=2),
         helper.make_node("Concat", [f"{p}/h_shape", f"{p}/vocab"], [f"{p}/out_shape"], name=f"{p}/Concat", axis=0),
         helper.make_node("Reshape", [h, f"{p}/flat_shape"], [f"{p}/h2d"], name=f"{p}/Reshape"),
@@ -208,8 +230,12 @@ def _tie_lm_head(proto: onnx.ModelProto, cfg: GemmaConfig) -> None:
         [
             helper.make_tensor(f"{p}/vocab", TensorProto.INT64, [1], [cfg.vocab_size]),
             helper.make_tensor(f"{p}/flat_shape", TensorProto.INT64, [2], [-1, cfg.hidden_size]),
+            helper.make_tensor(f"{p}/one", TensorProto.INT64, [1], [1]),
+            helper.make_tensor(f"{p}/zero", TensorProto.INT64, [1], [0]),
+            helper.make_tensor(KEEP_INPUT, TensorProto.INT64, [], [0]),  # the input's default
         ]
     )
+    g.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, []))
     nodes = []
     for n in g.node:
         if n is mm:

@@ -105,7 +105,7 @@ def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]]) -> DecodeSta
         ids[b, width - len(p):] = p
         mask[b, width - len(p):] = 1
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(B))
+    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(B), last_only=True)
     return DecodeState(cache, mask, pos[:, -1:], logits[:, -1])
 
 

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from gemma_export.errors import ArtifactError, RuntimeConfigError
 from gemma_export.runtime.manifest import check_files, read_manifest
 
+KEEP_INPUT = "num_logits_to_keep"  # exporter.export.KEEP_INPUT (the runtime does not import the exporter)
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
@@ -64,6 +65,8 @@ class DecoderSession:
         self.pad_id = int(self.config["pad_token_id"])
         io = self.manifest["io"]
         self.kv_dtype = _NP_DTYPES[io["inputs"]["past_key_values.0.key"]["dtype"]]
+        # Artifacts from before num_logits_to_keep lack it; they get full logits.
+        self.keeps_logits = KEEP_INPUT in io["inputs"]
         self.past_names = [f"past_key_values.{i}.{t}" for i in range(self.num_layers) for t in ("key", "value")]
         self.present_names = [f"present.{i}.{t}" for i in range(self.num_layers) for t in ("key", "value")]
 
@@ -82,7 +85,9 @@ class DecoderSession:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # errors only; ORT warns about unused initializers etc.
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        model_path = self.dir / self.manifest["model_file"]
+        # A graph per provider where the artifact has one (bf16: CPU has no bf16 MatMul).
+        own = self.manifest.get("provider_model_files", {}).get("cuda" if use_cuda else "cpu")
+        self.model_path = model_path = self.dir / (own or self.manifest["model_file"])
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / NoSuchFile types
@@ -111,8 +116,12 @@ class DecoderSession:
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         cache: list[ort.OrtValue],
+        last_only: bool = False,
     ) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """Run the graph once: logits [B, S, V] on the host, the new cache on the device."""
+        """Run the graph once: logits [B, S, V] on the host (with `last_only`, [B, 1, V]
+        where the graph can skip the LM head elsewhere), the new cache on the device."""
+        if last_only and self.keeps_logits:
+            return self._forward_last(input_ids, attention_mask, position_ids, cache)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("input_ids", self._to_device(input_ids.astype(np.int64, copy=False)))
         binding.bind_ortvalue_input("attention_mask", self._to_device(attention_mask.astype(np.int64, copy=False)))
@@ -125,6 +134,22 @@ class DecoderSession:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])
+
+    def _forward_last(self, input_ids, attention_mask, position_ids, cache):
+        # IO binding cannot name an overridable initializer; run_with_ort_values can. Its
+        # outputs come back on the host: one cache upload on CUDA per prefill, not per step.
+        feeds = {
+            "input_ids": self._to_device(input_ids.astype(np.int64, copy=False)),
+            "attention_mask": self._to_device(attention_mask.astype(np.int64, copy=False)),
+            "position_ids": self._to_device(position_ids.astype(np.int64, copy=False)),
+            KEEP_INPUT: ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)),
+            **dict(zip(self.past_names, cache)),
+        }
+        outputs = self.session.run_with_ort_values(["logits", *self.present_names], feeds)
+        return outputs[0].numpy(), [self._on_device(v) for v in outputs[1:]]
+
+    def _on_device(self, v: ort.OrtValue) -> ort.OrtValue:
+        return v if self.device == "cpu" else self._to_device(v.numpy())
 
     def cache_length(self, cache: list[ort.OrtValue]) -> int:
         return int(cache[0].shape()[2])

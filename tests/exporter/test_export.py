@@ -34,6 +34,8 @@ def _contract(cfg: dict) -> tuple[dict, dict]:
         for t in ("key", "value"):
             inputs[f"past_key_values.{i}.{t}"] = ("float32", ["batch_size", kv, "past_sequence_length", hd])
             outputs[f"present.{i}.{t}"] = ("float32", ["batch_size", kv, "total_sequence_length", hd])
+    # Optional (an initializer that is also an input, default 0 = logits at every position).
+    inputs["num_logits_to_keep"] = ("int64", [])
     return inputs, outputs
 
 
@@ -64,7 +66,37 @@ def test_io_contract(tiny_artifacts, name):
         assert (_ELEM[vi.type.tensor_type.elem_type], _dims(vi)) == want_out[vi.name]
     # and the manifest says the same thing as the graph
     assert {k: (v["dtype"], v["shape"]) for k, v in manifest["io"]["inputs"].items()} == want_in
+    default = [i for i in graph.initializer if i.name == "num_logits_to_keep"]
+    assert len(default) == 1 and onnx.numpy_helper.to_array(default[0]) == 0
+    assert manifest["io"]["inputs"]["num_logits_to_keep"]["default"] == 0
     assert (BATCH, SEQ, PAST, TOTAL) == ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2"])
+def test_num_logits_to_keep_slices_the_head(tiny_artifacts, name):
+    """Not fed: every position (the contract). k: the last k positions' logits, the same
+    numbers; k past the length: every position. The runtime's prefill asks for 1."""
+    import onnxruntime as ort
+
+    from gemma_export.runtime.session import DecoderSession
+
+    out, _ = tiny_artifacts[name]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ds = DecoderSession(out, provider="cpu")
+    ids = np.array([[2, 17, 33, 48, 5, 9, 77]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(7)[None]}
+    for i in sess.get_inputs():
+        if i.name.startswith("past"):
+            feeds[i.name] = np.zeros((1, ds.kv_heads, 0, ds.head_dim), np.float32)
+    full = sess.run(["logits"], feeds)[0]
+    assert full.shape[1] == 7
+    for k, want in ((1, 1), (3, 3), (50, 7), (0, 7)):
+        got = sess.run(["logits"], {**feeds, "num_logits_to_keep": np.array(k)})[0]
+        assert got.shape[1] == want
+        np.testing.assert_allclose(got, full[:, -want:], rtol=1e-5, atol=1e-5)
+    last, cache = ds.forward(ids, np.ones_like(ids), np.arange(7)[None], ds.new_cache(1), last_only=True)
+    assert last.shape[1] == 1 and ds.cache_length(cache) == 7
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY)
