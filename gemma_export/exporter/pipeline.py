@@ -75,9 +75,12 @@ def graph_summary(proto, fusions: dict[str, int]) -> dict:
 
 
 def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRecipe, gguf_path: Path | None,
-                   progress: Progress, optimize: bool, calibration=None) -> tuple[dict, dict, dict]:
+                   progress: Progress, optimize: bool, calibration=None, cfg=None) -> tuple[dict, dict, dict]:
     """Read an fp32 graph, rewrite it with `recipe` (fusing first for fp16/bf16, after for
-    the integer recipes), save into dst (model.onnx + data, and model.cpu.onnx for bf16).
+    the integer recipes), save into dst (model.onnx + data, and model.cpu.onnx for fp16/bf16).
+    The integer recipes target ONNX Runtime's CPU provider and also get the attention
+    fusion (GroupQueryAttention, given `cfg`); fp32, fp16 and bf16 keep plain attention,
+    which every provider runs in fp32 (CUDA's GQA kernel is fp16/bf16 only).
     `calibration()` gives the tokens fp16's range guard runs on. Returns (recipe summary,
     graph summary, manifest extras)."""
     import onnx
@@ -93,7 +96,7 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
         summary = narrow.narrow_graph(proto, recipe, keep)
     else:
         summary = quantize_graph(proto, recipe, gguf_path, progress)
-        fusions = optimize_graph(proto) if optimize else {}
+        fusions = optimize_graph(proto, cfg=cfg) if optimize else {}
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
     if isinstance(recipe, narrow.NarrowRecipe):
@@ -150,7 +153,7 @@ def _finish_fp32(d: Path, optimize: bool) -> dict:
 def _contrib_ops(op_types: dict[str, int]) -> list[str]:
     """Ops outside standard ONNX that the graph needs from ONNX Runtime."""
     ort_only = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "MatMulNBits",
-                "GatherBlockQuantized"}
+                "GatherBlockQuantized", "GroupQueryAttention", "RotaryEmbedding"}
     return sorted(set(op_types) & ort_only)
 
 
@@ -236,7 +239,7 @@ def export_artifact(
             with progress.stage(f"quantizing ({precision.value})"):
                 summary, graph, extra = _quantize_into(
                     fp32 / MODEL_FILE, tmp, recipe, ckpt.path if ckpt.kind == "gguf" else None, progress, optimize,
-                    lambda: _calibration_ids(cfg.vocab_size, _encoder(tok)))
+                    lambda: _calibration_ids(cfg.vocab_size, _encoder(tok)), cfg)
             shutil.rmtree(fp32)
         with progress.stage("writing artifact"):
             _write_side_files(tmp, cfg, tok)
@@ -322,7 +325,8 @@ def quantize_artifact(
         tok = (src / art.TOKENIZER_FILE).read_bytes() if manifest.get("tokenizer") else None
         with progress.stage(f"quantizing ({precision.value})"):
             summary, graph, extra = _quantize_into(src / manifest["model_file"], tmp, recipe, gguf_path, progress,
-                                                   optimize, lambda: _calibration_ids(cfg.vocab_size, _encoder(tok)))
+                                                   optimize, lambda: _calibration_ids(cfg.vocab_size, _encoder(tok)),
+                                                   cfg)
         _write_side_files(tmp, cfg, tok)
         new = _manifest(
             tmp, cfg=cfg, precision=precision, recipe=recipe.to_dict(), kept=_kept_fp32(recipe, summary),

@@ -1,0 +1,266 @@
+"""A layer's attention -> one GroupQueryAttention (com.microsoft), QK-norm and RoPE inside.
+
+    q, k, v (the projections' outputs, [B, S, heads*D])
+      ─ Reshape/Transpose ─ [q_norm, k_norm] ─ RoPE ─ Concat(past) ─ scale ─ QK^T
+      ─ [softcap] ─ + mask ─ Softmax ─ ·V ─ Transpose/Reshape ─ o_proj
+  ->
+    GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_len,
+                        cos_cache, sin_cache, position_ids, attention_bias=mask)
+      -> out, present_key, present_value
+
+About 45 nodes per layer become one. Exactness, left padding included:
+  - the additive mask the graph already builds from attention_mask (causal by cache index,
+    sliding window, left padding) goes in as attention_bias; GQA is told every row is full
+    (seqlens_k = total - 1), so its own causal mask agrees with the bias and its
+    right-padding assumption never applies; local_window_size stays -1 (the bias has it);
+  - RoPE reads position_ids (left-padded rows start at 0) from cos/sin caches the graph
+    computes once per step for each layer type, positions 0..max(position_ids), in fp32
+    from the same inverse frequencies as models/gemma.py;
+  - scale = query_pre_attn_scalar^-0.5, softcap = Gemma 2's attention softcap;
+  - QK-norm stays a SimplifiedLayerNormalization per head in front of GQA (the CPU
+    kernel has no q_norm_weight / k_norm_weight; CUDA's has).
+The I/O contract is unchanged (present is [B, kv_heads, total, D], as past).
+
+Needs the model's config (head counts, RoPE bases per layer type), so optimize_graph runs
+it only when given one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
+
+_SHARED = "/model/attention"
+
+
+def _scope(node: onnx.NodeProto) -> str | None:
+    parts = node.name.split("/self_attn/")
+    return parts[0] + "/self_attn/" if len(parts) == 2 else None
+
+
+def _layer(scope: str) -> int | None:
+    try:
+        return int(scope.split("/layers.")[1].split("/")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+class AttentionRule(Rule):
+    def __init__(self, cfg):
+        super().__init__("group_query_attention")
+        self.cfg = cfg
+
+    def match(self, g: Graph, softmax):
+        if softmax.op_type != "Softmax":
+            return "not a Softmax"
+        scope = _scope(softmax)
+        if scope is None:
+            return "Softmax outside a self_attn scope"
+        i = _layer(scope)
+        if i is None or not 0 <= i < self.cfg.num_hidden_layers:
+            return "no layer index in the scope"
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        cat_k, cat_v = g.prod(pres_k, "Concat"), g.prod(pres_v, "Concat")
+        if cat_k is None or cat_v is None or cat_k.input[0] != past_k or cat_v.input[0] != past_v:
+            return "present is not Concat(past, new)"
+        add = g.prod(softmax.input[0], "Add")
+        if add is None:
+            return "Softmax input is not scores + mask"
+        unsq = next((g.producer[x] for x in add.input if g.prod(x, "Unsqueeze")), None)
+        if unsq is None:
+            return "no Unsqueeze(mask) added to the scores"
+        mask = unsq.input[0]
+        # v: Concat(past, Transpose(Reshape(v)))
+        v = _back(g, cat_v.input[1], ("Transpose", "Reshape"))
+        # k: Concat(past, RoPE(...)); walk RoPE's Add/Mul to Transpose(Reshape(k)) or SLN
+        k, k_norm = _rope_source(g, cat_k.input[1])
+        if v is None or k is None:
+            return "k/v are not reshaped projections"
+        # q: the QK MatMul's other input, scaled, reshaped, RoPE'd
+        qk = next((n for n in g.consumers.get(pres_k, []) if n.op_type == "Transpose"), None)
+        mm = g.consumers.get(qk.output[0], [None])[0] if qk is not None else None
+        if mm is None or mm.op_type != "MatMul":
+            return "no QK^T MatMul on present.key"
+        rot_q = _back(g, mm.input[0], ("Mul", "Reshape"))
+        q, q_norm = _rope_source(g, rot_q) if rot_q else (None, None)
+        if q is None:
+            return "q is not a reshaped projection"
+        if (q_norm is None) != (k_norm is None):
+            return "only one of q/k is normalised"
+        # out: PV MatMul on present.value, then Reshape/Transpose/Reshape to o_proj
+        pv = next((n for n in g.consumers.get(pres_v, []) if n.op_type == "MatMul"), None)
+        if pv is None:
+            return "no softmax·V MatMul on present.value"
+        out, cur = None, pv.output[0]
+        for _ in range(3):
+            users = g.consumers.get(cur, [])
+            if len(users) != 1 or users[0].op_type not in ("Reshape", "Transpose"):
+                return "attention output is not Reshape/Transpose'd into o_proj"
+            cur = users[0].output[0]
+        out = cur
+        # GQA takes over these three outputs; whatever else only fed them goes with DCE.
+        replaced = [g.producer[out], cat_k, cat_v]
+        return {"layer": i, "scope": scope, "q": q, "k": k, "v": v, "mask": mask, "out": out,
+                "q_norm": q_norm, "k_norm": k_norm, "replaced": replaced, "at": pv}
+
+    def rewrite(self, g: Graph, m) -> None:
+        cfg = self.cfg
+        i = m["layer"]
+        ltype = cfg.layer_types[i]
+        shared = _shared_names(ltype)
+        q, k, pre = m["q"], m["k"], []
+        if m["q_norm"] is not None:
+            # ONNX Runtime's CPU GQA has no q_norm_weight / k_norm_weight (CUDA and WebGPU
+            # only): the per-head RMSNorm stays a SimplifiedLayerNormalization over [.., D].
+            q = _head_norm(g, pre, m["scope"] + "q_norm", q, *m["q_norm"], cfg.head_dim)
+            k = _head_norm(g, pre, m["scope"] + "k_norm", k, *m["k_norm"], cfg.head_dim)
+        # RoPE as RotaryEmbedding on explicit position_ids: GQA's own rotary (do_rotary)
+        # takes decode positions from seqlens_k, which is wrong for left-padded rows.
+        for name in ("q", "k"):
+            x = q if name == "q" else k
+            out = f"{m['scope']}{name}_rotary/out"
+            pre.append(helper.make_node("RotaryEmbedding", [x, "position_ids", shared["cos"], shared["sin"]], [out],
+                                        name=f"{m['scope']}{name}_rotary/RotaryEmbedding", domain=MS_DOMAIN,
+                                        interleaved=0))
+            q, k = (out, k) if name == "q" else (q, out)
+        ins = [q, k, m["v"], f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+               shared["seqlens_k"], shared["total"], "", "", "", m["mask"]]
+        attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
+                     scale=float(cfg.query_pre_attn_scalar) ** -0.5, do_rotary=0, local_window_size=-1)
+        if cfg.attn_logit_softcapping:
+            attrs["softcap"] = float(cfg.attn_logit_softcapping)
+        node = helper.make_node("GroupQueryAttention", ins, [m["out"], f"present.{i}.key", f"present.{i}.value"],
+                                name=f"{m['scope']}GroupQueryAttention", domain=MS_DOMAIN, **attrs)
+        g.replace(m["replaced"], [*pre, node], at=m["at"])  # before _ensure_shared re-lists the nodes
+        _ensure_shared(g, cfg, ltype)
+        dead_code_elimination(g)
+
+
+def _head_norm(g: Graph, nodes: list, scope: str, x: str, weight: str, eps: float, head_dim: int) -> str:
+    heads, flat = f"{_SHARED}/heads_shape", f"{_SHARED}/flat_shape"
+    if heads not in g.inits:
+        for name, v in ((heads, [0, 0, -1, head_dim]), (flat, [0, 0, -1])):
+            t = helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
+            g.g.initializer.append(t)
+            g.inits[name] = t
+    nodes += [
+        helper.make_node("Reshape", [x, heads], [f"{scope}/heads"], name=f"{scope}/Reshape"),
+        helper.make_node("SimplifiedLayerNormalization", [f"{scope}/heads", weight], [f"{scope}/normed"],
+                         name=f"{scope}/SimplifiedLayerNormalization", axis=-1, epsilon=eps, stash_type=1),
+        helper.make_node("Reshape", [f"{scope}/normed", flat], [f"{scope}/out"], name=f"{scope}/Reshape_1"),
+    ]
+    return f"{scope}/out"
+
+
+def _back(g: Graph, name: str, ops: tuple[str, ...]) -> str | None:
+    """Walk producers through `ops` (first input each time); the tensor before them."""
+    cur = name
+    for op in ops:
+        n = g.prod(cur, op)
+        if n is None:
+            return None
+        cur = n.input[0]
+    return cur
+
+
+def _rope_source(g: Graph, rot: str):
+    """RoPE's Add(Mul(x, cos), Mul(rotate_half(x), sin)): (projection output, norm or None),
+    where x is Transpose(Reshape(proj)) or SLN(Transpose(Reshape(proj)))."""
+    add = g.prod(rot, "Add")
+    if add is None:
+        return None, None
+    for t in add.input:
+        mul = g.prod(t, "Mul")
+        if mul is None:
+            continue
+        for x in mul.input:
+            sln = g.prod(x, "SimplifiedLayerNormalization")
+            norm = None
+            if sln is not None:
+                eps = next((a.f for a in sln.attribute if a.name == "epsilon"), 1e-5)
+                norm, x = (sln.input[1], eps), sln.input[0]
+            src = _back(g, x, ("Transpose", "Reshape"))
+            if src is not None:
+                return src, norm
+    return None, None
+
+
+def _shared_names(ltype) -> dict[str, str]:
+    p = _SHARED
+    return {"seqlens_k": f"{p}/seqlens_k", "total": f"{p}/total_len",
+            "cos": f"{p}/{ltype.value}/cos_cache", "sin": f"{p}/{ltype.value}/sin_cache"}
+
+
+def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
+    """Graph-level inputs of every GQA node, built once at the top of the graph:
+    seqlens_k = total - 1 for every row, total as int32, and per layer type cos/sin caches
+    over positions 0..max(max(position_ids), total - 1)."""
+    p = _SHARED
+    names = _shared_names(ltype)
+    new = []
+    if names["seqlens_k"] not in g.producer:
+        g.g.initializer.extend([helper.make_tensor(f"{p}/one", TensorProto.INT64, [1], [1]),
+                                helper.make_tensor(f"{p}/axis0", TensorProto.INT64, [1], [0])])
+        new += [
+            helper.make_node("Shape", ["attention_mask"], [f"{p}/T"], name=f"{p}/Shape_T", start=1, end=2),
+            helper.make_node("Shape", ["attention_mask"], [f"{p}/B"], name=f"{p}/Shape_B", start=0, end=1),
+            helper.make_node("Sub", [f"{p}/T", f"{p}/one"], [f"{p}/Tm1"], name=f"{p}/Sub"),
+            helper.make_node("Expand", [f"{p}/Tm1", f"{p}/B"], [f"{p}/seqlens64"], name=f"{p}/Expand"),
+            helper.make_node("Cast", [f"{p}/seqlens64"], [names["seqlens_k"]], name=f"{p}/Cast_seqlens",
+                             to=TensorProto.INT32),
+            helper.make_node("Squeeze", [f"{p}/T", f"{p}/axis0"], [f"{p}/T0"], name=f"{p}/Squeeze"),
+            helper.make_node("Cast", [f"{p}/T0"], [names["total"]], name=f"{p}/Cast_total", to=TensorProto.INT32),
+            helper.make_node("ReduceMax", ["position_ids"], [f"{p}/pmax"], name=f"{p}/ReduceMax", keepdims=0),
+            helper.make_node("Add", [f"{p}/pmax", f"{p}/one_s"], [f"{p}/pend"], name=f"{p}/Add_pend"),
+            # GQA wants a cache of at least total_sequence_length rows
+            helper.make_node("Max", [f"{p}/pend", f"{p}/T0"], [f"{p}/npos"], name=f"{p}/Max_npos"),
+            helper.make_node("Range", [f"{p}/zero_s", f"{p}/npos", f"{p}/one_s"], [f"{p}/pos"], name=f"{p}/Range"),
+            helper.make_node("Cast", [f"{p}/pos"], [f"{p}/posf"], name=f"{p}/Cast_pos", to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", [f"{p}/posf", f"{p}/one"], [f"{p}/pos2d"], name=f"{p}/Unsqueeze_pos"),
+        ]
+        g.g.initializer.extend([helper.make_tensor(f"{p}/one_s", TensorProto.INT64, [], [1]),
+                                helper.make_tensor(f"{p}/zero_s", TensorProto.INT64, [], [0])])
+    if names["cos"] not in g.producer:
+        t = ltype.value
+        d = cfg.head_dim
+        # models/gemma.py's rope_cos_sin: fp32 inverse frequencies, divided by the linear scale
+        inv = (1.0 / (np.float32(cfg.rope_theta_for(ltype)) ** (np.arange(0, d, 2, dtype=np.float32) / d)))
+        inv = (inv.astype(np.float32) / np.float32(cfg.rope_scale_for(ltype))).astype(np.float32)
+        g.g.initializer.append(numpy_helper.from_array(inv[None, :], f"{p}/{t}/inv_freq"))
+        new += [
+            helper.make_node("Mul", [f"{p}/pos2d", f"{p}/{t}/inv_freq"], [f"{p}/{t}/freqs"], name=f"{p}/{t}/Mul"),
+            helper.make_node("Cos", [f"{p}/{t}/freqs"], [names["cos"]], name=f"{p}/{t}/Cos"),
+            helper.make_node("Sin", [f"{p}/{t}/freqs"], [names["sin"]], name=f"{p}/{t}/Sin"),
+        ]
+    if new:
+        nodes = new + list(g.g.node)
+        del g.g.node[:]
+        g.g.node.extend(nodes)
+        g.inits = {i.name: i for i in g.g.initializer}
+        g.refresh()
+    return names
+
+
+def dead_code_elimination(g: Graph) -> int:
+    """Drop nodes whose outputs nobody reads (and initializers no node reads)."""
+    removed = 0
+    while True:
+        used = {x for n in g.g.node for x in n.input} | g.outputs
+        keep = [n for n in g.g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.g.node):
+            break
+        removed += len(g.g.node) - len(keep)
+        del g.g.node[:]
+        g.g.node.extend(keep)
+    used = {x for n in g.g.node for x in n.input} | {i.name for i in g.g.input}
+    inits = [i for i in g.g.initializer if i.name in used]
+    if len(inits) != len(g.g.initializer):
+        del g.g.initializer[:]
+        g.g.initializer.extend(inits)
+    g.inits = {i.name: i for i in g.g.initializer}
+    g.refresh()
+    return removed
