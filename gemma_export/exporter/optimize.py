@@ -14,6 +14,7 @@ from __future__ import annotations
 import onnx
 from gemma_export.exporter.rewrites import Graph, Rule, ensure_ms_opset
 from gemma_export.exporter.rewrites.attention import AttentionRule
+from gemma_export.exporter.rewrites.pack_projections import PackProjectionsRule
 from gemma_export.exporter.rewrites.gelu import GeluRule
 from gemma_export.exporter.rewrites.rms_norm import RMSNormRule
 from gemma_export.exporter.rewrites.skip_rms_norm import SkipRMSNormRule
@@ -41,9 +42,10 @@ def apply_rule(g: Graph, rule: Rule) -> tuple[int, dict[str, int]]:
 
 
 def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES, cfg=None) -> dict[str, int]:
-    """Apply `rules`, then (given the model's config) the attention fusion."""
+    """Apply `rules`, then (given the model's config: the integer recipes) the attention
+    fusion and the stacking of projections that share an input."""
     if cfg is not None:
-        rules = (*rules, AttentionRule(cfg))
+        rules = (*rules, AttentionRule(cfg), PackProjectionsRule())
     g = Graph(proto)
     counts = {}
     for rule in rules:

@@ -28,6 +28,7 @@ The quantization math is pure numpy functions below, apart from the graph rewrit
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from onnx import helper, numpy_helper
 
 from gemma_export.errors import ExportError
 from gemma_export.exporter.rewrites import MS_DOMAIN, ensure_ms_opset
+from gemma_export.exporter.rewrites.pack_projections import PACKED_DOC
 
 EMBED = "model.embed_tokens.weight"
 
@@ -413,10 +415,18 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         else:
             zp = np.full((n, kb), 2 ** (bits - 1), np.uint8)
         w = Blocks(codes, scales, zp, bits).dequantize()
-        prefix = node.input[1][: -len(".qweight")]
-        if f"{prefix}.block_offsets" in inits:  # float-zero-point blocks (see _matmulnbits)
-            offsets = numpy_helper.to_array(inits[f"{prefix}.block_offsets"]).T  # [N, kb]
-            w = (w.reshape(n, kb, bs) + offsets[..., None]).reshape(n, k)
-        name = prefix[: -len(".MatMul")] + ".weight" if prefix.endswith(".MatMul") else prefix + ".weight"
-        out[name] = w
+        # A packed projection (rewrites/pack_projections) holds several weights' rows.
+        if node.doc_string.startswith(PACKED_DOC):
+            members = json.loads(node.doc_string[len(PACKED_DOC):])
+        else:
+            members = [[node.input[1], n]]
+        start = 0
+        for qweight, rows in members:
+            part, start = w[start:start + rows], start + rows
+            prefix = qweight[: -len(".qweight")]
+            if f"{prefix}.block_offsets" in inits:  # float-zero-point blocks (see _matmulnbits)
+                offsets = numpy_helper.to_array(inits[f"{prefix}.block_offsets"]).T  # [N, kb]
+                part = (part.reshape(rows, kb, bs) + offsets[..., None]).reshape(rows, k)
+            name = prefix[: -len(".MatMul")] + ".weight" if prefix.endswith(".MatMul") else prefix + ".weight"
+            out[name] = part
     return out

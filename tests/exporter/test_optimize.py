@@ -164,3 +164,38 @@ def test_attention_rule(plain, tmp_path, name):
         pos = pos[:, -1:] + 1
     ref, got = np.concatenate(outs[0]), np.concatenate(outs[1])
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_pack_projections_rule(plain, tmp_path, name):
+    """q/k/v (one input) and gate/up (another) become one MatMulNBits each: 2 per layer,
+    same logits, and dequantized_weights still reads every checkpoint weight back."""
+    from gemma_export.exporter.pipeline import quantize_artifact
+    from gemma_export.exporter.quantize import dequantized_weights
+    from gemma_export.exporter.rewrites.pack_projections import PackProjectionsRule
+
+    q = tmp_path / "int4"
+    quantize_artifact(plain[name], q, precision="int4", verify=False, optimize=False)
+    cfg = json.loads((q / "manifest.json").read_text())["config"]
+    proto = onnx.load(str(q / "model.onnx"))
+    before = dequantized_weights(proto)
+    n_before = sum(n.op_type == "MatMulNBits" for n in proto.graph.node)
+    fired, _ = apply_rule(Graph(proto), PackProjectionsRule())
+    assert fired == 2 * cfg["num_hidden_layers"]
+    assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == n_before - 3 * cfg["num_hidden_layers"]
+    after = dequantized_weights(proto)
+    assert after.keys() == before.keys()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+    proto.graph.ClearField("value_info")
+    packed = tmp_path / "packed"
+    shutil.copytree(q, packed)
+    (packed / "model.onnx.data").unlink()
+    onnx.save(proto, str(packed / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=1024)
+    m = json.loads((packed / "manifest.json").read_text())
+    for f in ("model.onnx", "model.onnx.data"):
+        m["files"][f] = {"size": (packed / f).stat().st_size, "sha256": sha256_file(packed / f)}
+    (packed / "manifest.json").write_text(json.dumps(m))
+    ref, got = _logits(DecoderSession(q, provider="cpu")), _logits(DecoderSession(packed, provider="cpu"))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5

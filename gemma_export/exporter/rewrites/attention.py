@@ -257,10 +257,9 @@ def dead_code_elimination(g: Graph) -> int:
         del g.g.node[:]
         g.g.node.extend(keep)
     used = {x for n in g.g.node for x in n.input} | {i.name for i in g.g.input}
-    inits = [i for i in g.g.initializer if i.name in used]
-    if len(inits) != len(g.g.initializer):
-        del g.g.initializer[:]
-        g.g.initializer.extend(inits)
+    for idx in reversed(range(len(g.g.initializer))):  # in place: no copy of large tensors
+        if g.g.initializer[idx].name not in used:
+            del g.g.initializer[idx]
     g.inits = {i.name: i for i in g.g.initializer}
     g.refresh()
     return removed

@@ -1,0 +1,109 @@
+"""Projections reading the same input -> one MatMulNBits over their stacked rows + Split.
+
+    x ─ MatMulNBits(Wq) ─ q          x ─ MatMulNBits([Wq; Wk; Wv]) ─ Split ─ q
+    x ─ MatMulNBits(Wk) ─ k    ->                                        ├─ k
+    x ─ MatMulNBits(Wv) ─ v                                              └─ v
+
+MatMulNBits quantizes its input (accuracy_level 4) and dispatches threads once per call,
+and for a 640-wide model that per-call work is much of the cost of a small projection.
+q/k/v share the attention norm's output and gate/up share the MLP norm's, so a layer
+makes 3 calls instead of 6. Blocks run along K and belong to one output row each, so
+stacking the rows (codes, scales, zero points) is exact: the same numbers, in one call.
+Only nodes with identical K, bits, block size, accuracy level and zero-point presence
+are stacked; the tied LM head reads its own input and is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
+
+
+PACKED_DOC = "packed rows: "
+
+
+def _attrs(n: onnx.NodeProto) -> dict:
+    return {a.name: a.i for a in n.attribute}
+
+
+def _signature(g: Graph, n: onnx.NodeProto):
+    if n.op_type != "MatMulNBits" or n.domain != MS_DOMAIN or len(n.output) != 1:
+        return None
+    if not all(g.is_weight(x) for x in n.input[1:]) or len(n.input) > 4:
+        return None
+    a = _attrs(n)
+    return (n.input[0], a.get("K"), a.get("bits"), a.get("block_size"), a.get("accuracy_level", 0), len(n.input))
+
+
+class PackProjectionsRule(Rule):
+    def __init__(self):
+        super().__init__("pack_projections")
+
+    def match(self, g: Graph, node):
+        sig = _signature(g, node)
+        if sig is None:
+            return "not a MatMulNBits with weights in initializers"
+        group = [n for n in g.consumers.get(node.input[0], []) if _signature(g, n) == sig]
+        if len(group) < 2:
+            return "no sibling projection of the same shape and kind on this input"
+        if group[0] is not node:
+            return "not the first of its group"
+        return {"nodes": group}
+
+    def rewrite(self, g: Graph, m) -> None:
+        nodes = m["nodes"]
+        ns = [_attrs(n)["N"] for n in nodes]
+        base = _common_prefix([n.input[1] for n in nodes]).rstrip("._") or "packed"
+        names = [f"{base}.packed.{k}" for k in ("qweight", "scales", "zero_points")]
+        for slot in range(1, len(nodes[0].input)):
+            parts = [numpy_helper.to_array(g.inits[n.input[slot]]) for n in nodes]
+            rows = [p.reshape(n_rows, -1) for p, n_rows in zip(parts, ns)]
+            stacked = np.concatenate(rows, axis=0)
+            if slot == 1:
+                stacked = stacked.reshape(sum(ns), *parts[0].shape[1:])
+            elif slot == 2:
+                stacked = stacked.reshape(sum(ns), *parts[0].shape[1:]) if parts[0].ndim == 2 else stacked.reshape(-1)
+            else:
+                stacked = stacked.reshape(-1)
+            t = numpy_helper.from_array(stacked, names[slot - 1])
+            g.g.initializer.append(t)
+            g.inits[t.name] = t
+        a = _attrs(nodes[0])
+        a["N"] = sum(ns)
+        scope = nodes[0].name.rsplit("/", 2)[0]
+        packed = f"{scope}/packed_projection"
+        mm = helper.make_node("MatMulNBits", [nodes[0].input[0], *names[: len(nodes[0].input) - 1]], [packed],
+                              name=f"{scope}/PackedMatMulNBits", domain=MS_DOMAIN, **a)
+        # Which rows are whose (quantize.dequantized_weights reads it back).
+        mm.doc_string = PACKED_DOC + json.dumps([[n.input[1], k] for n, k in zip(nodes, ns)])
+        new = [
+            mm,
+            helper.make_node("Split", [packed, f"{packed}/split"], [n.output[0] for n in nodes],
+                             name=f"{scope}/PackedSplit", axis=-1),
+        ]
+        split = numpy_helper.from_array(np.array(ns, np.int64), f"{packed}/split")
+        g.g.initializer.append(split)
+        g.inits[split.name] = split
+        old_inits = {x for n in nodes for x in n.input[1:]}
+        g.replace(nodes, new, at=nodes[0])
+        still = {x for n in g.g.node for x in n.input}
+        # Delete in place: rebuilding the list would copy every initializer (the 84 MB
+        # embedding codes included) once per rewrite.
+        for idx in reversed(range(len(g.g.initializer))):
+            name = g.g.initializer[idx].name
+            if name in old_inits and name not in still:
+                del g.g.initializer[idx]
+        g.inits = {t.name: t for t in g.g.initializer}
+
+
+def _common_prefix(names: list[str]) -> str:
+    p = names[0]
+    for s in names[1:]:
+        while not s.startswith(p):
+            p = p[:-1]
+    return p
