@@ -1,7 +1,11 @@
 """CUDA check: export a model (or take an artifact), run it with the CUDA provider, and
 report parity with the CPU provider and decode speed on both.
 
-    python scripts/gpu_check.py [--model gemma3-270m | --artifact DIR] [--out results.json]
+    python scripts/gpu_check.py [--model gemma3-270m | --artifact DIR] [--precision fp16] [--out results.json]
+
+fp16 / bf16 artifacts run their narrow graph on CUDA and model.cpu.onnx (the same
+rounding, spelled out in fp32 arithmetic) on CPU, so CUDA vs CPU parity here is the
+check that the CPU verify of those recipes speaks for the GPU.
 
 Needs onnxruntime-gpu (CUDA 13 build for 1.31+) and an NVIDIA GPU; exits 2 with a
 message when the CUDA provider is unavailable. CI has no GPU: the code this exercises
@@ -24,6 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model spec to export (default: bundled Gemma 3 270M)")
     ap.add_argument("--artifact", type=Path, default=None, help="use an existing artifact instead of exporting")
+    ap.add_argument("--precision", default="fp32", help="fp32, or a recipe applied after export (fp16, bf16, ...)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here too")
     args = ap.parse_args()
@@ -45,6 +50,17 @@ def main() -> int:
         res = export_artifact(args.model, artifact, verify=True)
         report["export_seconds"] = round(time.perf_counter() - t0, 1)
         report["cpu_vs_pytorch_parity"] = res["parity"]
+    if args.precision != "fp32":
+        from gemma_export.errors import ParityError
+        from gemma_export.exporter.pipeline import quantize_artifact
+
+        narrow = artifact.parent / args.precision
+        try:
+            res = quantize_artifact(artifact, narrow, precision=args.precision, force=True, verify=True)
+        except ParityError as e:  # written and reported; the GPU comparison still runs
+            res = e.result
+        report[f"{args.precision}_cpu_vs_pytorch_parity"] = res["parity"]
+        artifact = narrow
 
     cpu = load_generator(artifact, provider="cpu")
     gpu = load_generator(artifact, provider="cuda")
