@@ -56,7 +56,8 @@ def make_recipe(precision: Precision, block_size: int | None = None, symmetric: 
     if precision in (Precision.FP16, Precision.BF16):
         if changes:
             flags = ", ".join("--" + k.replace("_", "-") for k in changes)
-            raise CheckpointError(f"--precision {precision.value}: {flags} apply to int8, int4 and gguf only")
+            verb = "applies" if len(changes) == 1 else "apply"
+            raise CheckpointError(f"--precision {precision.value}: {flags} {verb} to int8, int4 and gguf only")
         return narrow.NarrowRecipe(precision.value)
     base = RECIPES[precision.value]
     if precision == Precision.GGUF and {"block_size", "symmetric"} & changes.keys():
