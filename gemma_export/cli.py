@@ -145,7 +145,7 @@ def quantize(
     steps: StepsOpt = 64,
     json_out: JsonOpt = False,
 ) -> None:
-    """Make an int8 / int4 / gguf artifact from an fp32 one, then verify parity with PyTorch."""
+    """Make an fp16 / bf16 / int8 / int4 / gguf artifact from an fp32 one, then verify parity with PyTorch."""
     from gemma_export.exporter.pipeline import quantize_artifact
     from gemma_export.exporter.precision import Precision
 

@@ -122,7 +122,12 @@ def _candidates(g: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:
             out.append(n)
         elif n.op_type == "Gather" and n.input[0] == EMBED:
             out.append(n)
-    return [n for n in out if inits[n.input[1] if n.op_type != "Gather" else n.input[0]].data_type == TensorProto.FLOAT]
+    return [n for n in out if inits[_weight(n)].data_type == TensorProto.FLOAT]
+
+
+def _weight(n: onnx.NodeProto) -> str:
+    """The initializer a candidate reads: a product's B, the gather's table."""
+    return n.input[0] if n.op_type == "Gather" else n.input[1]
 
 
 def calibrate_ranges(model_path: Path, ids: np.ndarray, names: list[str]) -> dict[str, float]:
@@ -175,10 +180,6 @@ def range_guard(model_path: Path, proto: onnx.ModelProto, ids: np.ndarray) -> di
         if peak > FP16_MAX / RANGE_MARGIN:
             out[n.name] = round(peak, 1)
     return out
-
-
-def _weight(n: onnx.NodeProto) -> str:
-    return n.input[0] if n.op_type == "Gather" else n.input[1]
 
 
 def narrow_graph(proto: onnx.ModelProto, recipe: NarrowRecipe, keep: dict[str, float] | None = None) -> dict:

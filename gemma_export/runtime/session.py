@@ -85,7 +85,7 @@ class DecoderSession:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # errors only; ORT warns about unused initializers etc.
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        # A graph per provider where the artifact has one (bf16: CPU has no bf16 MatMul).
+        # A graph per provider where the artifact has one (fp16/bf16: model.cpu.onnx).
         own = self.manifest.get("provider_model_files", {}).get("cuda" if use_cuda else "cpu")
         self.model_path = model_path = self.dir / (own or self.manifest["model_file"])
         try:
@@ -123,10 +123,7 @@ class DecoderSession:
         if last_only and self.keeps_logits:
             return self._forward_last(input_ids, attention_mask, position_ids, cache)
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input("input_ids", self._to_device(input_ids.astype(np.int64, copy=False)))
-        binding.bind_ortvalue_input("attention_mask", self._to_device(attention_mask.astype(np.int64, copy=False)))
-        binding.bind_ortvalue_input("position_ids", self._to_device(position_ids.astype(np.int64, copy=False)))
-        for name, value in zip(self.past_names, cache):
+        for name, value in self._feeds(input_ids, attention_mask, position_ids, cache).items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", self.device)
         for name in self.present_names:
@@ -138,15 +135,15 @@ class DecoderSession:
     def _forward_last(self, input_ids, attention_mask, position_ids, cache):
         # IO binding cannot name an overridable initializer; run_with_ort_values can. Its
         # outputs come back on the host: one cache upload on CUDA per prefill, not per step.
-        feeds = {
-            "input_ids": self._to_device(input_ids.astype(np.int64, copy=False)),
-            "attention_mask": self._to_device(attention_mask.astype(np.int64, copy=False)),
-            "position_ids": self._to_device(position_ids.astype(np.int64, copy=False)),
-            KEEP_INPUT: ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)),
-            **dict(zip(self.past_names, cache)),
-        }
+        feeds = self._feeds(input_ids, attention_mask, position_ids, cache)
+        feeds[KEEP_INPUT] = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
         outputs = self.session.run_with_ort_values(["logits", *self.present_names], feeds)
         return outputs[0].numpy(), [self._on_device(v) for v in outputs[1:]]
+
+    def _feeds(self, input_ids, attention_mask, position_ids, cache) -> dict[str, ort.OrtValue]:
+        ints = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = {k: self._to_device(v.astype(np.int64, copy=False)) for k, v in ints.items()}
+        return feeds | dict(zip(self.past_names, cache))
 
     def _on_device(self, v: ort.OrtValue) -> ort.OrtValue:
         return v if self.device == "cpu" else self._to_device(v.numpy())

@@ -1,21 +1,22 @@
-"""A layer's attention -> one GroupQueryAttention (com.microsoft), QK-norm and RoPE inside.
+"""A layer's attention -> RotaryEmbedding x2 + one GroupQueryAttention (com.microsoft).
 
     q, k, v (the projections' outputs, [B, S, heads*D])
       ─ Reshape/Transpose ─ [q_norm, k_norm] ─ RoPE ─ Concat(past) ─ scale ─ QK^T
       ─ [softcap] ─ + mask ─ Softmax ─ ·V ─ Transpose/Reshape ─ o_proj
   ->
+    q, k ─ [per-head SimplifiedLayerNormalization] ─ RotaryEmbedding(position_ids, cos, sin)
     GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_len,
-                        cos_cache, sin_cache, position_ids, attention_bias=mask)
-      -> out, present_key, present_value
+                        attention_bias=mask) -> out, present_key, present_value
 
-About 45 nodes per layer become one. Exactness, left padding included:
+About 45 nodes per layer become three (six with QK-norm). Exactness, left padding included:
   - the additive mask the graph already builds from attention_mask (causal by cache index,
     sliding window, left padding) goes in as attention_bias; GQA is told every row is full
     (seqlens_k = total - 1), so its own causal mask agrees with the bias and its
     right-padding assumption never applies; local_window_size stays -1 (the bias has it);
-  - RoPE reads position_ids (left-padded rows start at 0) from cos/sin caches the graph
-    computes once per step for each layer type, positions 0..max(position_ids), in fp32
-    from the same inverse frequencies as models/gemma.py;
+  - RoPE is RotaryEmbedding on the explicit position_ids (left-padded rows start at 0),
+    not GQA's do_rotary, which takes decode positions from seqlens_k; its cos/sin caches
+    are computed once per step for each layer type, in fp32 from the same inverse
+    frequencies as models/gemma.py;
   - scale = query_pre_attn_scalar^-0.5, softcap = Gemma 2's attention softcap;
   - QK-norm stays a SimplifiedLayerNormalization per head in front of GQA (the CPU
     kernel has no q_norm_weight / k_norm_weight; CUDA's has).
@@ -95,7 +96,7 @@ class AttentionRule(Rule):
         pv = next((n for n in g.consumers.get(pres_v, []) if n.op_type == "MatMul"), None)
         if pv is None:
             return "no softmax·V MatMul on present.value"
-        out, cur = None, pv.output[0]
+        cur = pv.output[0]
         for _ in range(3):
             users = g.consumers.get(cur, [])
             if len(users) != 1 or users[0].op_type not in ("Reshape", "Transpose"):
@@ -120,13 +121,8 @@ class AttentionRule(Rule):
             k = _head_norm(g, pre, m["scope"] + "k_norm", k, *m["k_norm"], cfg.head_dim)
         # RoPE as RotaryEmbedding on explicit position_ids: GQA's own rotary (do_rotary)
         # takes decode positions from seqlens_k, which is wrong for left-padded rows.
-        for name in ("q", "k"):
-            x = q if name == "q" else k
-            out = f"{m['scope']}{name}_rotary/out"
-            pre.append(helper.make_node("RotaryEmbedding", [x, "position_ids", shared["cos"], shared["sin"]], [out],
-                                        name=f"{m['scope']}{name}_rotary/RotaryEmbedding", domain=MS_DOMAIN,
-                                        interleaved=0))
-            q, k = (out, k) if name == "q" else (q, out)
+        q = _rotary(pre, m["scope"] + "q_rotary", q, shared)
+        k = _rotary(pre, m["scope"] + "k_rotary", k, shared)
         ins = [q, k, m["v"], f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                shared["seqlens_k"], shared["total"], "", "", "", m["mask"]]
         attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
@@ -138,6 +134,13 @@ class AttentionRule(Rule):
         g.replace(m["replaced"], [*pre, node], at=m["at"])  # before _ensure_shared re-lists the nodes
         _ensure_shared(g, cfg, ltype)
         dead_code_elimination(g)
+
+
+def _rotary(nodes: list, scope: str, x: str, shared: dict[str, str]) -> str:
+    nodes.append(helper.make_node("RotaryEmbedding", [x, "position_ids", shared["cos"], shared["sin"]],
+                                  [f"{scope}/out"], name=f"{scope}/RotaryEmbedding", domain=MS_DOMAIN,
+                                  interleaved=0))
+    return f"{scope}/out"
 
 
 def _head_norm(g: Graph, nodes: list, scope: str, x: str, weight: str, eps: float, head_dim: int) -> str:
