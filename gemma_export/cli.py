@@ -76,6 +76,11 @@ SymmetricOpt = Annotated[
 AccuracyOpt = Annotated[
     Optional[int], typer.Option(help="MatMulNBits compute: 0 = fp32, 4 = int8 activations (default 4).")
 ]
+GptqOpt = Annotated[
+    Optional[bool],
+    typer.Option("--gptq/--rtn", help="int8/int4: GPTQ rounding calibrated on text the model samples, or round "
+                 "to nearest (defaults: int8 RTN, int4 GPTQ).", show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")]
 
 
@@ -112,6 +117,7 @@ def export(
     block_size: BlockSizeOpt = None,
     symmetric: SymmetricOpt = None,
     accuracy_level: AccuracyOpt = None,
+    gptq: GptqOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export MODEL to an ONNX artifact with a KV cache, then verify parity with PyTorch."""
@@ -122,7 +128,7 @@ def export(
     _check_steps(steps)
     res = export_artifact(
         model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
-        block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+        block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq,
         optimize=optimize, progress=_progress(json_out),
     )
     _emit_artifact(res, json_out)
@@ -138,6 +144,7 @@ def quantize(
     block_size: BlockSizeOpt = None,
     symmetric: SymmetricOpt = None,
     accuracy_level: AccuracyOpt = None,
+    gptq: GptqOpt = None,
     model: Annotated[Optional[str], typer.Option(help="Source model for verify (default: the manifest's).")] = None,
     force: ForceOpt = False,
     verify: VerifyOpt = True,
@@ -153,7 +160,7 @@ def quantize(
     _check_steps(steps)
     res = quantize_artifact(
         src, out, precision=prec, force=force, verify=verify, steps=steps, block_size=block_size,
-        symmetric=symmetric, accuracy_level=accuracy_level, model=model,
+        symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq, model=model,
         optimize=optimize, progress=_progress(json_out),
     )
     _emit_artifact(res, json_out)

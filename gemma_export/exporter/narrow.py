@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gemma_export.errors import ExportError
+from gemma_export.exporter.calibrate import empty_past, fp32_session
 from gemma_export.exporter.quantize import EMBED
 
 FP16_MAX = 65504.0
@@ -133,33 +134,10 @@ def _weight(n: onnx.NodeProto) -> str:
 def calibrate_ranges(model_path: Path, ids: np.ndarray, names: list[str]) -> dict[str, float]:
     """max |value| of each tensor in `names` when the fp32 graph at `model_path` runs on
     `ids` [1, S] (past length 0). Source artifacts are never written to."""
-    import onnxruntime as ort
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    known = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in known:
-            proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # The graph goes in as bytes; its weights are read from the source directory, in place.
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                  str(model_path.parent.resolve()))
-    sess = ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    feeds = {}
+    sess = fp32_session(model_path, names)
     s = ids.shape[1]
-    for i in sess.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = ids.astype(np.int64)
-        elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((1, s), np.int64)
-        elif i.name == "position_ids":
-            feeds[i.name] = np.arange(s, dtype=np.int64)[None]
-        else:  # past_key_values.*: [1, kv_heads, 0, head_dim]
-            shape = [1 if isinstance(d, str) and "batch" in d else 0 if isinstance(d, str) else d
-                     for d in i.shape]
-            feeds[i.name] = np.zeros(shape, np.float32)
+    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, s), np.int64),
+             "position_ids": np.arange(s, dtype=np.int64)[None], **empty_past(sess, 1)}
     vals = sess.run(names, feeds)
     return {n: float(np.abs(v).max()) if v.size else 0.0 for n, v in zip(names, vals)}
 

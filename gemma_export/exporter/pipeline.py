@@ -15,11 +15,11 @@ from typing import Any
 
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError
 from gemma_export.exporter import artifact as art
-from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, OPSET, export_onnx, io_spec
+from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, export_onnx, io_spec
 from gemma_export.exporter import narrow
 from gemma_export.exporter.optimize import optimize_graph
 from gemma_export.exporter.precision import Precision
-from gemma_export.exporter.quantize import RECIPES, Recipe, quantize_graph
+from gemma_export.exporter.quantize import RECIPES, Recipe, product_inputs, quantize_graph
 from gemma_export.exporter.verify import format_report, verify_artifact
 from gemma_export.models.load import DEFAULT_MODEL, Checkpoint, load_model
 from gemma_export.progress import NULL, Progress
@@ -50,8 +50,9 @@ KEPT_FP32_QUANTIZED = [
 
 
 def make_recipe(precision: Precision, block_size: int | None = None, symmetric: bool | None = None,
-                accuracy_level: int | None = None) -> Recipe | narrow.NarrowRecipe:
-    changes = {k: v for k, v in dict(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level).items()
+                accuracy_level: int | None = None, gptq: bool | None = None) -> Recipe | narrow.NarrowRecipe:
+    changes = {k: v for k, v in dict(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                                     gptq=gptq).items()
                if v is not None}
     if precision in (Precision.FP16, Precision.BF16):
         if changes:
@@ -60,8 +61,8 @@ def make_recipe(precision: Precision, block_size: int | None = None, symmetric: 
             raise CheckpointError(f"--precision {precision.value}: {flags} {verb} to int8, int4 and gguf only")
         return narrow.NarrowRecipe(precision.value)
     base = RECIPES[precision.value]
-    if precision == Precision.GGUF and {"block_size", "symmetric"} & changes.keys():
-        raise CheckpointError("--precision gguf: block size and symmetry come from the GGUF file")
+    if precision == Precision.GGUF and {"block_size", "symmetric", "gptq"} & changes.keys():
+        raise CheckpointError("--precision gguf: block size, symmetry and rounding come from the GGUF file")
     if "block_size" in changes and (changes["block_size"] < 16 or changes["block_size"] & (changes["block_size"] - 1)):
         raise CheckpointError(f"--block-size {changes['block_size']}: must be a power of two >= 16")
     if "accuracy_level" in changes and changes["accuracy_level"] not in (0, 1, 2, 3, 4):
@@ -70,9 +71,11 @@ def make_recipe(precision: Precision, block_size: int | None = None, symmetric: 
 
 
 def graph_summary(proto, fusions: dict[str, int]) -> dict:
-    """The manifest's `graph` entry: node count, op histogram, fusions applied."""
+    """The manifest's `graph` entry: node count, op histogram, fusions applied, default-domain opset."""
     hist = Counter(n.op_type for n in proto.graph.node)
-    return {"nodes": len(proto.graph.node), "op_types": dict(hist.most_common()), "fusions": fusions}
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"nodes": len(proto.graph.node), "op_types": dict(hist.most_common()), "fusions": fusions,
+            "opset": opset}
 
 
 def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRecipe, gguf_path: Path | None,
@@ -80,8 +83,7 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
     """Read an fp32 graph, rewrite it with `recipe` (fusing first for fp16/bf16, after for
     the integer recipes), save into dst (model.onnx + data, and model.cpu.onnx for fp16/bf16).
     The integer recipes target ONNX Runtime's CPU provider and also get the attention
-    fusion (GroupQueryAttention, given `cfg`); fp32, fp16 and bf16 keep plain attention,
-    which every provider runs in fp32 (CUDA's GQA kernel is fp16/bf16 only).
+    fusion (ONNX Attention, given `cfg`); fp32, fp16 and bf16 keep plain attention.
     `calibration()` gives the tokens fp16's range guard runs on. Returns (recipe summary,
     graph summary, manifest extras)."""
     import onnx
@@ -96,7 +98,10 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
         fusions = optimize_graph(proto) if optimize else {}
         summary = narrow.narrow_graph(proto, recipe, keep)
     else:
-        summary = quantize_graph(proto, recipe, gguf_path, progress)
+        moments = None
+        if recipe.gptq:
+            moments = _gptq_moments(src_model, proto, recipe, cfg, progress)
+        summary = quantize_graph(proto, recipe, gguf_path, progress, moments)
         fusions = optimize_graph(proto, cfg=cfg) if optimize else {}
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
@@ -105,6 +110,19 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
         onnx.save(narrow.cpu_fallback_graph(proto), str(dst / narrow.CPU_MODEL_FILE))
         extra["provider_model_files"] = {"cpu": narrow.CPU_MODEL_FILE}
     return summary, graph_summary(proto, fusions), extra
+
+
+def _gptq_moments(src_model: Path, proto, recipe: Recipe, cfg, progress: Progress) -> dict:
+    """Second moments of every product's input over text the fp32 graph samples."""
+    from gemma_export.exporter.calibrate import sample_with_moments
+
+    presents = [o.name for o in proto.graph.output if o.name.startswith("present")]
+    length = min(recipe.gptq_length, cfg.max_position_embeddings)
+    with progress.stage("sampling calibration text for GPTQ"):
+        _, moments = sample_with_moments(src_model, presents, product_inputs(proto), bos_id=cfg.bos_token_id,
+                                         sequences=recipe.gptq_sequences, length=length, seed=recipe.gptq_seed,
+                                         progress=progress)
+    return moments
 
 
 def _kept_fp32(recipe, summary: dict) -> list[str]:
@@ -154,7 +172,7 @@ def _finish_fp32(d: Path, optimize: bool) -> dict:
 def _contrib_ops(op_types: dict[str, int]) -> list[str]:
     """Ops outside standard ONNX that the graph needs from ONNX Runtime."""
     ort_only = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "MatMulNBits",
-                "GatherBlockQuantized", "GroupQueryAttention", "RotaryEmbedding"}
+                "GatherBlockQuantized", "RotaryEmbedding"}
     return sorted(set(op_types) & ort_only)
 
 
@@ -183,7 +201,7 @@ def _manifest(d: Path, *, cfg, precision: Precision, recipe: dict, kept: list[st
         "layer_types": [t.value for t in cfg.layer_types],
         "max_length": max_length,
         "io": io_spec(cfg),
-        "opset": OPSET,
+        "opset": graph["opset"],  # as traced (18); 23 where the attention fusion fired
         "graph": graph,
         # Non-standard ops this graph needs (ONNX Runtime contrib ops); [] = portable ONNX.
         "onnxruntime_ops": _contrib_ops(graph["op_types"]),
@@ -209,12 +227,13 @@ def export_artifact(
     block_size: int | None = None,
     symmetric: bool | None = None,
     accuracy_level: int | None = None,
+    gptq: bool | None = None,
     optimize: bool = True,
     progress: Progress = NULL,
 ) -> dict[str, Any]:
     out = Path(out)
     precision = Precision(precision)
-    recipe = make_recipe(precision, block_size, symmetric, accuracy_level) if precision != Precision.FP32 else None
+    recipe = make_recipe(precision, block_size, symmetric, accuracy_level, gptq) if precision != Precision.FP32 else None
     art.check_out_dir(out, force)  # fail before minutes of loading, not after
     t0 = time.perf_counter()
     with progress.stage("loading"):
@@ -295,6 +314,7 @@ def quantize_artifact(
     block_size: int | None = None,
     symmetric: bool | None = None,
     accuracy_level: int | None = None,
+    gptq: bool | None = None,
     model: str | None = None,
     optimize: bool = True,
     progress: Progress = NULL,
@@ -304,7 +324,7 @@ def quantize_artifact(
     precision = Precision(precision)
     if precision == Precision.FP32:
         raise CheckpointError("--precision fp32: quantize makes fp16, bf16, int8, int4 or gguf artifacts")
-    recipe = make_recipe(precision, block_size, symmetric, accuracy_level)
+    recipe = make_recipe(precision, block_size, symmetric, accuracy_level, gptq)
     manifest = read_manifest(src)
     if manifest["precision"] != Precision.FP32.value:
         raise ArtifactError(f"{src}: is a {manifest['precision']} artifact; quantize starts from an fp32 one")
