@@ -83,6 +83,15 @@ def ensure_ms_opset(proto: onnx.ModelProto) -> None:
         proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
+def ensure_opset(proto: onnx.ModelProto, domain: str, version: int) -> None:
+    """Import `domain` at `version` or later (for an op that first appears there)."""
+    for o in proto.opset_import:
+        if o.domain == domain:
+            o.version = max(o.version, version)
+            return
+    proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
 def other_input(node: onnx.NodeProto, name: str) -> str:
     """The input of a binary node that is not `name`."""
     a, b = node.input

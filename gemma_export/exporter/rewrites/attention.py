@@ -1,26 +1,31 @@
-"""A layer's attention -> RotaryEmbedding x2 + one GroupQueryAttention (com.microsoft).
+"""A layer's attention -> RotaryEmbedding x2 (com.microsoft) + one ONNX Attention (opset 23).
 
     q, k, v (the projections' outputs, [B, S, heads*D])
       ─ Reshape/Transpose ─ [q_norm, k_norm] ─ RoPE ─ Concat(past) ─ scale ─ QK^T
       ─ [softcap] ─ + mask ─ Softmax ─ ·V ─ Transpose/Reshape ─ o_proj
   ->
     q, k ─ [per-head SimplifiedLayerNormalization] ─ RotaryEmbedding(position_ids, cos, sin)
-    GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_len,
-                        attention_bias=mask) -> out, present_key, present_value
+    Attention(q, k, v, attn_mask=mask, past_key, past_value,
+              q_num_heads, kv_num_heads, scale, softcap) -> out, present_key, present_value
 
 About 45 nodes per layer become three (six with QK-norm). Exactness, left padding included:
   - the additive mask the graph already builds from attention_mask (causal by cache index,
-    sliding window, left padding) goes in as attention_bias; GQA is told every row is full
-    (seqlens_k = total - 1), so its own causal mask agrees with the bias and its
-    right-padding assumption never applies; local_window_size stays -1 (the bias has it);
-  - RoPE is RotaryEmbedding on the explicit position_ids (left-padded rows start at 0),
-    not GQA's do_rotary, which takes decode positions from seqlens_k; its cos/sin caches
-    are computed once per step for each layer type, in fp32 from the same inverse
-    frequencies as models/gemma.py;
-  - scale = query_pre_attn_scalar^-0.5, softcap = Gemma 2's attention softcap;
-  - QK-norm stays a SimplifiedLayerNormalization per head in front of GQA (the CPU
-    kernel has no q_norm_weight / k_norm_weight; CUDA's has).
-The I/O contract is unchanged (present is [B, kv_heads, total, D], as past).
+    sliding window, left padding) goes in as attn_mask, and is the only mask: Attention
+    is not told is_causal, and has no notion of sequence lengths to get wrong;
+  - RoPE is RotaryEmbedding on the explicit position_ids (left-padded rows start at 0);
+    its cos/sin caches are computed once per step for each layer type, in fp32 from the
+    same inverse frequencies as models/gemma.py;
+  - scale = query_pre_attn_scalar^-0.5, softcap = Gemma 2's attention softcap. ONNX Runtime
+    applies it after the mask, so a masked score is -softcap (-50) rather than -3.4e38:
+    a weight under fp32's resolution unless the largest visible score is below -33
+    (Gemma 2's scores sit well inside +-50; the tiny Gemma 2 matches to 1e-4 relative);
+  - QK-norm stays a SimplifiedLayerNormalization per head in front of Attention.
+Why ONNX's Attention and not com.microsoft's GroupQueryAttention: on ONNX Runtime 1.32's
+CPU provider it measured 9-15% faster per decode call at the 270M's shapes
+(benchmarks/attention_ops.py; 2-4% of the whole int4 decode step), and is exact with left padding without GQA's workarounds
+(seqlens_k = total - 1 for every row; GQA's rotary reads decode positions from seqlens_k).
+The I/O contract is unchanged (present is [B, kv_heads, total, D], as past); the graph's
+default-domain opset goes to 23.
 
 Needs the model's config (head counts, RoPE bases per layer type), so optimize_graph runs
 it only when given one.
@@ -32,9 +37,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
+from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule, ensure_opset
 
 _SHARED = "/model/attention"
+ATTENTION_OPSET = 23  # ONNX's Attention (kv_num_heads, softcap, past/present) first appears here
 
 
 def _scope(node: onnx.NodeProto) -> str | None:
@@ -103,7 +109,7 @@ class AttentionRule(Rule):
                 return "attention output is not Reshape/Transpose'd into o_proj"
             cur = users[0].output[0]
         out = cur
-        # GQA takes over these three outputs; whatever else only fed them goes with DCE.
+        # Attention takes over these three outputs; whatever else only fed them goes with DCE.
         replaced = [g.producer[out], cat_k, cat_v]
         return {"layer": i, "scope": scope, "q": q, "k": k, "v": v, "mask": mask, "out": out,
                 "q_norm": q_norm, "k_norm": k_norm, "replaced": replaced, "at": pv}
@@ -115,22 +121,21 @@ class AttentionRule(Rule):
         shared = _shared_names(ltype)
         q, k, pre = m["q"], m["k"], []
         if m["q_norm"] is not None:
-            # ONNX Runtime's CPU GQA has no q_norm_weight / k_norm_weight (CUDA and WebGPU
-            # only): the per-head RMSNorm stays a SimplifiedLayerNormalization over [.., D].
+            # Attention has no QK-norm: the per-head RMSNorm stays a
+            # SimplifiedLayerNormalization over [.., D].
             q = _head_norm(g, pre, m["scope"] + "q_norm", q, *m["q_norm"], cfg.head_dim)
             k = _head_norm(g, pre, m["scope"] + "k_norm", k, *m["k_norm"], cfg.head_dim)
-        # RoPE as RotaryEmbedding on explicit position_ids: GQA's own rotary (do_rotary)
-        # takes decode positions from seqlens_k, which is wrong for left-padded rows.
+        # RoPE as RotaryEmbedding on the explicit position_ids (left-padded rows start at 0).
         q = _rotary(pre, m["scope"] + "q_rotary", q, shared)
         k = _rotary(pre, m["scope"] + "k_rotary", k, shared)
-        ins = [q, k, m["v"], f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-               shared["seqlens_k"], shared["total"], "", "", "", m["mask"]]
-        attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
-                     scale=float(cfg.query_pre_attn_scalar) ** -0.5, do_rotary=0, local_window_size=-1)
+        ins = [q, k, m["v"], m["mask"], f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        attrs = dict(q_num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
+                     scale=float(cfg.query_pre_attn_scalar) ** -0.5)
         if cfg.attn_logit_softcapping:
             attrs["softcap"] = float(cfg.attn_logit_softcapping)
-        node = helper.make_node("GroupQueryAttention", ins, [m["out"], f"present.{i}.key", f"present.{i}.value"],
-                                name=f"{m['scope']}GroupQueryAttention", domain=MS_DOMAIN, **attrs)
+        node = helper.make_node("Attention", ins, [m["out"], f"present.{i}.key", f"present.{i}.value"],
+                                name=f"{m['scope']}Attention", **attrs)
+        ensure_opset(g.proto, "", ATTENTION_OPSET)
         g.replace(m["replaced"], [*pre, node], at=m["at"])  # before _ensure_shared re-lists the nodes
         _ensure_shared(g, cfg, ltype)
         dead_code_elimination(g)
@@ -194,39 +199,26 @@ def _rope_source(g: Graph, rot: str):
 
 def _shared_names(ltype) -> dict[str, str]:
     p = _SHARED
-    return {"seqlens_k": f"{p}/seqlens_k", "total": f"{p}/total_len",
-            "cos": f"{p}/{ltype.value}/cos_cache", "sin": f"{p}/{ltype.value}/sin_cache"}
+    return {"pos": f"{p}/pos2d", "cos": f"{p}/{ltype.value}/cos_cache", "sin": f"{p}/{ltype.value}/sin_cache"}
 
 
 def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
-    """Graph-level inputs of every GQA node, built once at the top of the graph:
-    seqlens_k = total - 1 for every row, total as int32, and per layer type cos/sin caches
-    over positions 0..max(max(position_ids), total - 1)."""
+    """Graph-level inputs of the RotaryEmbedding nodes, built once at the top of the graph:
+    per layer type cos/sin caches over positions 0..max(position_ids)."""
     p = _SHARED
     names = _shared_names(ltype)
     new = []
-    if names["seqlens_k"] not in g.producer:
+    if names["pos"] not in g.producer:
         g.g.initializer.extend([helper.make_tensor(f"{p}/one", TensorProto.INT64, [1], [1]),
-                                helper.make_tensor(f"{p}/axis0", TensorProto.INT64, [1], [0])])
+                                helper.make_tensor(f"{p}/one_s", TensorProto.INT64, [], [1]),
+                                helper.make_tensor(f"{p}/zero_s", TensorProto.INT64, [], [0])])
         new += [
-            helper.make_node("Shape", ["attention_mask"], [f"{p}/T"], name=f"{p}/Shape_T", start=1, end=2),
-            helper.make_node("Shape", ["attention_mask"], [f"{p}/B"], name=f"{p}/Shape_B", start=0, end=1),
-            helper.make_node("Sub", [f"{p}/T", f"{p}/one"], [f"{p}/Tm1"], name=f"{p}/Sub"),
-            helper.make_node("Expand", [f"{p}/Tm1", f"{p}/B"], [f"{p}/seqlens64"], name=f"{p}/Expand"),
-            helper.make_node("Cast", [f"{p}/seqlens64"], [names["seqlens_k"]], name=f"{p}/Cast_seqlens",
-                             to=TensorProto.INT32),
-            helper.make_node("Squeeze", [f"{p}/T", f"{p}/axis0"], [f"{p}/T0"], name=f"{p}/Squeeze"),
-            helper.make_node("Cast", [f"{p}/T0"], [names["total"]], name=f"{p}/Cast_total", to=TensorProto.INT32),
             helper.make_node("ReduceMax", ["position_ids"], [f"{p}/pmax"], name=f"{p}/ReduceMax", keepdims=0),
-            helper.make_node("Add", [f"{p}/pmax", f"{p}/one_s"], [f"{p}/pend"], name=f"{p}/Add_pend"),
-            # GQA wants a cache of at least total_sequence_length rows
-            helper.make_node("Max", [f"{p}/pend", f"{p}/T0"], [f"{p}/npos"], name=f"{p}/Max_npos"),
+            helper.make_node("Add", [f"{p}/pmax", f"{p}/one_s"], [f"{p}/npos"], name=f"{p}/Add_npos"),
             helper.make_node("Range", [f"{p}/zero_s", f"{p}/npos", f"{p}/one_s"], [f"{p}/pos"], name=f"{p}/Range"),
             helper.make_node("Cast", [f"{p}/pos"], [f"{p}/posf"], name=f"{p}/Cast_pos", to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", [f"{p}/posf", f"{p}/one"], [f"{p}/pos2d"], name=f"{p}/Unsqueeze_pos"),
+            helper.make_node("Unsqueeze", [f"{p}/posf", f"{p}/one"], [names["pos"]], name=f"{p}/Unsqueeze_pos"),
         ]
-        g.g.initializer.extend([helper.make_tensor(f"{p}/one_s", TensorProto.INT64, [], [1]),
-                                helper.make_tensor(f"{p}/zero_s", TensorProto.INT64, [], [0])])
     if names["cos"] not in g.producer:
         t = ltype.value
         d = cfg.head_dim
