@@ -138,7 +138,8 @@ def calibrate_ranges(model_path: Path, ids: np.ndarray, names: list[str]) -> dic
     s = ids.shape[1]
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, s), np.int64),
              "position_ids": np.arange(s, dtype=np.int64)[None], **empty_past(sess, 1)}
-    vals = sess.run(names, feeds)
+    wanted = {i.name for i in sess.get_inputs()}  # any graph with input_ids, not only a decoder's
+    vals = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
     return {n: float(np.abs(v).max()) if v.size else 0.0 for n, v in zip(names, vals)}
 
 
