@@ -1,16 +1,13 @@
 """Calibration data for the recipes, taken from the fp32 graph itself.
 
-    fp32_session(model_path, extra_outputs)     the fp32 graph with inner tensors exposed
-    sample_with_moments(model_path, kv_names, names, ...)
-                                                 text the model samples, plus sum x x^T of
-                                                 each named tensor over every sampled token
+    fp32_session(model_path, extra_outputs)   the fp32 graph with inner tensors exposed
+    sample_tokens(model_path, bos_id=...)     text the model samples (seeded)
+    InputMoments(model_path, ids, groups)     sum x x^T of each product's input over that
+                                              text, one group (layer) at a time
 
 The integer recipes' GPTQ pass needs the second moments of every product's input. They
 come from text the model samples from its own distribution (temperature 1, seeded), never
-from the evaluation text, which would let the recipe fit the metric that judges it. Each
-sampled token runs once, through the KV cache, so collecting the moments costs one
-generation: a causal model's activations at position t are the same whether the sequence
-is run whole or a token at a time.
+from the evaluation text, which would let the recipe fit the metric that judges it.
 """
 
 from __future__ import annotations
@@ -52,46 +49,75 @@ def empty_past(sess, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def sample_with_moments(model_path: Path, present_names: list[str], names: list[str], *, bos_id: int,
-                        sequences: int = 16, length: int = 128, seed: int = 0, progress=None,
-                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Sample `sequences` x `length` tokens (starting at <bos>, temperature 1) from the fp32
-    graph, and return them with {name: sum over sampled positions of x x^T} (float64
-    [K, K]) for each named tensor [..., K]. `present_names` are the graph's present.*
-    outputs, in the order of its past_key_values.* inputs."""
-    sess = fp32_session(model_path, names)
-    past_inputs = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+def sample_tokens(model_path: Path, *, bos_id: int, sequences: int = 16, length: int = 128, seed: int = 0,
+                  progress=None) -> np.ndarray:
+    """`sequences` x `length` tokens the fp32 graph samples from <bos> at temperature 1
+    (seeded), one token at a time through its KV cache."""
+    sess = fp32_session(model_path)
+    outputs = [o.name for o in sess.get_outputs()]
+    presents = [n for n in outputs if n.startswith("present.")]
     rng = np.random.default_rng(seed)
     ids = np.full((sequences, 1), bos_id, np.int64)
     tokens = [ids]
     past = empty_past(sess, sequences)
-    moments = {name: 0.0 for name in names}
-    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
-
-    def flush() -> None:  # x x^T over a few hundred rows at a time: one GEMM, not one per step
-        for name, xs in rows.items():
-            if xs:
-                x = np.concatenate(xs)
-                moments[name] = moments[name] + (x.T @ x).astype(np.float64)
-                xs.clear()
-
-    fetch = ["logits"] + present_names + names
-    for t in range(length):
-        feeds = {"input_ids": ids, "attention_mask": np.ones((sequences, t + 1), np.int64),
-                 "position_ids": np.full((sequences, 1), t, np.int64), **past}
-        out = sess.run(fetch, feeds)
-        past = dict(zip(past_inputs, out[1:1 + len(present_names)]))
-        for name, x in zip(names, out[1 + len(present_names):]):
-            rows[name].append(x.reshape(-1, x.shape[-1]))
-        if (t + 1) % 16 == 0:
-            flush()
-        if t + 1 < length:
-            ids = _sample(out[0][:, -1], rng)[:, None]
-            tokens.append(ids)
+    for t in range(1, length):
+        feeds = {"input_ids": ids, "attention_mask": np.ones((sequences, t), np.int64),
+                 "position_ids": np.full((sequences, 1), t - 1, np.int64), **past}
+        out = dict(zip(["logits", *presents], sess.run(["logits", *presents], feeds)))
+        past = {"past_key_values." + n[len("present."):]: out[n] for n in presents}
+        ids = _sample(out["logits"][:, -1], rng)[:, None]
+        tokens.append(ids)
         if progress is not None:
             progress.count("sampling calibration text", t + 1, length)
-    flush()
-    return np.concatenate(tokens, axis=1), moments
+    return np.concatenate(tokens, axis=1)
+
+
+class InputMoments:
+    """{tensor: sum over every calibration position of x x^T} (float64 [K, K]) for the
+    tensors in `groups` ({tensor: group, e.g. its layer}), computed a group at a time.
+
+    Asking for a tensor runs the fp32 graph over all of `ids` (whole sequences, `batch`
+    rows per call, the LM head on the last position only) and keeps the moments of that
+    tensor's group; asking for another group drops the previous one. Consumers that walk
+    the graph in order (quantize_graph) so hold one layer's matrices at a time: a 2B
+    model's down_proj input alone is 9216^2 float64, 0.7 GB per layer.
+    """
+
+    def __init__(self, model_path: Path, ids: np.ndarray, groups: dict[str, str], batch: int = 4, progress=None):
+        self.ids, self.groups, self.batch, self.progress = ids, groups, batch, progress
+        self.sess = fp32_session(model_path, list(groups))
+        self.inputs = {i.name for i in self.sess.get_inputs()}
+        self.group: str | None = None
+        self.held: dict[str, np.ndarray] = {}
+        self.done = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.groups
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self.groups:
+            return None
+        if self.groups[name] != self.group:
+            self.group = self.groups[name]
+            self.held = {}  # free the previous group first
+            self.held = self._run([n for n, g in self.groups.items() if g == self.group])
+            self.done += 1
+            if self.progress is not None:
+                self.progress.count("calibrating", self.done, len(set(self.groups.values())))
+        return self.held[name]
+
+    def _run(self, names: list[str]) -> dict[str, np.ndarray]:
+        n, s = self.ids.shape
+        acc = {name: 0.0 for name in names}
+        for b0 in range(0, n, self.batch):
+            ids = self.ids[b0:b0 + self.batch]
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                     "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), ids.shape).copy(),
+                     "num_logits_to_keep": np.array(1, np.int64), **empty_past(self.sess, len(ids))}
+            for name, x in zip(names, self.sess.run(names, {k: v for k, v in feeds.items() if k in self.inputs})):
+                x = x.reshape(-1, x.shape[-1])
+                acc[name] = acc[name] + (x.T @ x).astype(np.float64)  # a few hundred rows per GEMM
+        return acc
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -6,9 +6,9 @@ We trace with torch.onnx's dynamo exporter (torch.export underneath: no Python-l
 control flow is baked in silently, and every dim we mark stays symbolic, past length 0
 included). The graph uses plain ONNX ops at opset 18, which every ONNX Runtime since
 1.14 and other ONNX consumers run, and which keeps sliding windows, soft-capping and
-left padding exactly as models/gemma.py writes them. ORT-specific fusions
-(GroupQueryAttention, SimplifiedLayerNormalization, ...) are rewrites on top of this
-graph (exporter/optimize.py), never a different trace.
+left padding exactly as models/gemma.py writes them. Fusions for ONNX Runtime
+(SimplifiedLayerNormalization, RotaryEmbedding, opset-23 Attention, ...) are rewrites
+on top of this graph (exporter/optimize.py), never a different trace.
 
 After tracing, three rewrites make the graph match DESIGN.md's contract:
   1. I/O dims get the contract's names (batch_size, sequence_length, ...).

@@ -112,17 +112,16 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
     return summary, graph_summary(proto, fusions), extra
 
 
-def _gptq_moments(src_model: Path, proto, recipe: Recipe, cfg, progress: Progress) -> dict:
-    """Second moments of every product's input over text the fp32 graph samples."""
-    from gemma_export.exporter.calibrate import sample_with_moments
+def _gptq_moments(src_model: Path, proto, recipe: Recipe, cfg, progress: Progress):
+    """Second moments of every product's input over text the fp32 graph samples, computed
+    a layer at a time as quantize_graph asks for them."""
+    from gemma_export.exporter.calibrate import InputMoments, sample_tokens
 
-    presents = [o.name for o in proto.graph.output if o.name.startswith("present")]
     length = min(recipe.gptq_length, cfg.max_position_embeddings)
     with progress.stage("sampling calibration text for GPTQ"):
-        _, moments = sample_with_moments(src_model, presents, product_inputs(proto), bos_id=cfg.bos_token_id,
-                                         sequences=recipe.gptq_sequences, length=length, seed=recipe.gptq_seed,
-                                         progress=progress)
-    return moments
+        ids = sample_tokens(src_model, bos_id=cfg.bos_token_id, sequences=recipe.gptq_sequences, length=length,
+                            seed=recipe.gptq_seed, progress=progress)
+    return InputMoments(src_model, ids, product_inputs(proto))
 
 
 def _kept_fp32(recipe, summary: dict) -> list[str]:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from gemma_export.errors import CheckpointError
-from gemma_export.exporter.calibrate import empty_past, fp32_session, sample_with_moments
+from gemma_export.exporter.calibrate import InputMoments, empty_past, fp32_session, sample_tokens
 from gemma_export.exporter.pipeline import quantize_artifact
 from gemma_export.exporter.quantize import EMBED, dequantized_weights, gptq_blocks, product_inputs, quantize_blocks
 
@@ -50,30 +50,52 @@ def test_gptq_is_round_to_nearest_for_white_inputs():
         g, r = gptq_blocks(w, h, 4, 32, sym), quantize_blocks(w, 4, 32, sym)
         np.testing.assert_array_equal(g.codes, r.codes)
         np.testing.assert_array_equal(g.scales, r.scales)
-    h[5, 5] = 0.0
-    assert np.isfinite(gptq_blocks(w, h, 4, 32, False).dequantize()).all()
+    h[5, 5] = 0.0  # a dead input channel: still nothing to compensate with
+    np.testing.assert_array_equal(gptq_blocks(w, h, 4, 32, False).codes, quantize_blocks(w, 4, 32, False).codes)
 
 
-def test_moments_a_token_at_a_time_equal_a_whole_sequence_run(tiny_artifacts):
+def test_calibration_text_is_sampled_and_seeded(tiny_artifacts):
+    path = tiny_artifacts["tiny-gemma3"][0] / "model.onnx"
+    ids = sample_tokens(path, bos_id=2, sequences=3, length=20, seed=5)
+    assert ids.shape == (3, 20) and ids.dtype == np.int64 and (ids[:, 0] == 2).all()
+    np.testing.assert_array_equal(ids, sample_tokens(path, bos_id=2, sequences=3, length=20, seed=5))
+    assert len({tuple(r) for r in ids.tolist()}) == 3  # sampled, not greedy copies
+    assert not np.array_equal(ids, sample_tokens(path, bos_id=2, sequences=3, length=20, seed=6))
+
+
+def test_moments_of_whole_sequences_equal_a_token_at_a_time_run(tiny_artifacts):
+    """InputMoments runs whole sequences in batches; the same tensors fetched while decoding
+    one token at a time through the KV cache (another path through the graph) must give
+    the same sum x x^T. One layer's matrices are held at a time."""
     src = tiny_artifacts["tiny-gemma3"][0]
     path = src / "model.onnx"
     proto = onnx.load(str(path), load_external_data=False)
-    names = product_inputs(proto)
-    presents = [o.name for o in proto.graph.output if o.name.startswith("present")]
+    groups = product_inputs(proto)
     layers = json.loads((src / "manifest.json").read_text())["config"]["num_hidden_layers"]
-    assert len(names) == 4 * layers  # per layer: q/k/v share one input, then o's, gate/up's, down's
-    ids, moments = sample_with_moments(path, presents, names, bos_id=2, sequences=3, length=20, seed=5)
-    assert ids.shape == (3, 20) and (ids[:, 0] == 2).all()
-    again, _ = sample_with_moments(path, presents, names, bos_id=2, sequences=3, length=20, seed=5)
-    np.testing.assert_array_equal(ids, again)  # seeded
-    assert len({tuple(r) for r in ids.tolist()}) == 3  # sampled, not greedy copies
+    assert len(groups) == 4 * layers  # per layer: q/k/v share one input, then o's, gate/up's, down's
+    assert sorted(set(groups.values()), key=int) == [str(i) for i in range(layers)]
+    ids = sample_tokens(path, bos_id=2, sequences=3, length=12, seed=1)
 
+    names = list(groups)
     sess = fp32_session(path, names)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.broadcast_to(np.arange(20), ids.shape).copy(), **empty_past(sess, 3)}
-    for name, x in zip(names, sess.run(names, feeds)):
-        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        np.testing.assert_allclose(moments[name], x.T @ x, rtol=1e-4, atol=1e-4 * np.abs(x.T @ x).max())
+    presents = [o.name for o in sess.get_outputs() if o.name.startswith("present.")]
+    past, want = empty_past(sess, 3), {n: 0.0 for n in names}
+    for t in range(ids.shape[1]):
+        feeds = {"input_ids": ids[:, t:t + 1], "attention_mask": np.ones((3, t + 1), np.int64),
+                 "position_ids": np.full((3, 1), t, np.int64), **past}
+        out = dict(zip(presents + names, sess.run(presents + names, feeds)))
+        past = {"past_key_values." + p[len("present."):]: out[p] for p in presents}
+        for n in names:
+            x = out[n].reshape(-1, out[n].shape[-1]).astype(np.float64)
+            want[n] = want[n] + x.T @ x
+
+    for batch in (1, 2):
+        m = InputMoments(path, ids, groups, batch=batch)
+        for n in names:
+            got = m.get(n)
+            np.testing.assert_allclose(got, want[n], rtol=1e-4, atol=1e-4 * np.abs(want[n]).max())
+            assert set(m.held) == {x for x, g in groups.items() if g == groups[n]}
+        assert m.get("not a product input") is None and "not a product input" not in m
 
 
 def test_int4_defaults_to_gptq_and_rtn_is_selectable(tiny_artifacts, tmp_path):

@@ -200,3 +200,32 @@ def test_pack_projections_rule(plain, tmp_path, name):
     (packed / "manifest.json").write_text(json.dumps(m))
     ref, got = _logits(DecoderSession(q, provider="cpu")), _logits(DecoderSession(packed, provider="cpu"))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+def test_attention_op_caps_scores_before_the_mask():
+    """The attention rule hands Gemma 2's softcap to ONNX Attention with the graph's
+    additive mask; exact only if masked keys get weight 0 however low the visible scores
+    are (softcap then mask, as Gemma 2 computes). Scores here sit near -softcap, where
+    mask-then-softcap would give the masked key about a quarter of the weight."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    d, past, cap = 4, 3, 5.0
+    node = h.make_node("Attention", ["q", "k", "v", "mask", "pk", "pv"], ["y", "prk", "prv"],
+                       q_num_heads=1, kv_num_heads=1, scale=1.0, softcap=cap)
+    shapes = {"q": [1, 1, d], "k": [1, 1, d], "v": [1, 1, d], "mask": [1, 1, 1, past + 1],
+              "pk": [1, 1, past, d], "pv": [1, 1, past, d]}
+    graph = h.make_graph([node], "a", [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in shapes.items()],
+                         [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("y", "prk", "prv")])
+    sess = ort.InferenceSession(h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    q = np.full((1, 1, d), 10.0, np.float32)
+    keys = np.stack([np.full(d, -1.0), np.full(d, -1.2), np.full(d, -0.9), np.full(d, -1.1)]).astype(np.float32)
+    vals = np.arange(4 * d, dtype=np.float32).reshape(4, d) * 100
+    mask = np.array([np.finfo(np.float32).min, 0, 0, 0], np.float32)  # the first (past) key is masked
+    y = sess.run(["y"], {"q": q, "k": keys[None, 3:], "v": vals[None, 3:], "mask": mask.reshape(1, 1, 1, -1),
+                         "pk": keys[None, None, :3], "pv": vals[None, None, :3]})[0]
+    scores = cap * np.tanh(keys @ q[0, 0] / cap) + mask  # -40 / -48 / -36 / -44 before capping
+    w = np.exp(scores - scores.max())
+    np.testing.assert_allclose(y[0, 0], (w / w.sum()) @ vals, rtol=1e-5)

@@ -15,10 +15,11 @@ About 45 nodes per layer become three (six with QK-norm). Exactness, left paddin
   - RoPE is RotaryEmbedding on the explicit position_ids (left-padded rows start at 0);
     its cos/sin caches are computed once per step for each layer type, in fp32 from the
     same inverse frequencies as models/gemma.py;
-  - scale = query_pre_attn_scalar^-0.5, softcap = Gemma 2's attention softcap. ONNX Runtime
-    applies it after the mask, so a masked score is -softcap (-50) rather than -3.4e38:
-    a weight under fp32's resolution unless the largest visible score is below -33
-    (Gemma 2's scores sit well inside +-50; the tiny Gemma 2 matches to 1e-4 relative);
+  - scale = query_pre_attn_scalar^-0.5, softcap = Gemma 2's attention softcap. ONNX
+    Runtime 1.32 caps the scores before adding the mask, as Gemma 2 does (a test checks
+    it: masked keys get weight 0 even when every visible score is far below -softcap).
+    Earlier releases that added the mask first leave a masked score at -softcap (-50):
+    a weight under fp32's resolution unless the largest visible score is below -33;
   - QK-norm stays a SimplifiedLayerNormalization per head in front of Attention.
 Why ONNX's Attention and not com.microsoft's GroupQueryAttention: on ONNX Runtime 1.32's
 CPU provider it measured 9-15% faster per decode call at the 270M's shapes
