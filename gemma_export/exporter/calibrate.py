@@ -78,18 +78,28 @@ class InputMoments:
 
     Asking for a tensor runs the fp32 graph over all of `ids` (whole sequences, `batch`
     rows per call, the LM head on the last position only) and keeps the moments of that
-    tensor's group; asking for another group drops the previous one. Consumers that walk
-    the graph in order (quantize_graph) so hold one layer's matrices at a time: a 2B
-    model's down_proj input alone is 9216^2 float64, 0.7 GB per layer.
+    tensor's group and of the groups after it, as many as fit in `budget` bytes (at least
+    the one); asking for a tensor not held drops them all first. Consumers that walk the
+    graph in order (quantize_graph) so run the graph once on a small model (the 270M's
+    moments are 0.9 GB in all) and hold a few layers at a time on a large one (a 2B
+    model's down_proj input alone is 9216^2 float64, 0.7 GB per layer).
     """
 
-    def __init__(self, model_path: Path, ids: np.ndarray, groups: dict[str, str], batch: int = 4, progress=None):
-        self.ids, self.groups, self.batch, self.progress = ids, groups, batch, progress
+    def __init__(self, model_path: Path, ids: np.ndarray, groups: dict[str, str], batch: int = 4,
+                 budget: int = 2**30, progress=None):
+        self.ids, self.groups, self.batch, self.budget, self.progress = ids, groups, batch, budget, progress
         self.sess = fp32_session(model_path, list(groups))
         self.inputs = {i.name for i in self.sess.get_inputs()}
-        self.group: str | None = None
+        self.widths = {o.name: o.shape[-1] for o in self.sess.get_outputs()}
         self.held: dict[str, np.ndarray] = {}
-        self.done = 0
+
+    def _width(self, name: str) -> int:
+        """K of a tensor [..., K]; where the graph doesn't say, one token's run measures all."""
+        if not isinstance(self.widths.get(name), int):
+            names = list(self.groups)
+            for n, x in zip(names, self._outputs(names, self.ids[:1, :1])):
+                self.widths[n] = int(x.shape[-1])
+        return self.widths[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.groups
@@ -97,27 +107,40 @@ class InputMoments:
     def get(self, name: str) -> np.ndarray | None:
         if name not in self.groups:
             return None
-        if self.groups[name] != self.group:
-            self.group = self.groups[name]
-            self.held = {}  # free the previous group first
-            self.held = self._run([n for n, g in self.groups.items() if g == self.group])
-            self.done += 1
-            if self.progress is not None:
-                self.progress.count("calibrating", self.done, len(set(self.groups.values())))
+        if name not in self.held:
+            self.held = {}  # free what was held first
+            self.held = self._run(self._next_names(name))
         return self.held[name]
 
+    def _next_names(self, name: str) -> list[str]:
+        """`name`'s group and the whole groups after it that fit in the budget."""
+        order = list(self.groups)
+        first = self.groups[name]
+        start = next(i for i, n in enumerate(order) if self.groups[n] == first)
+        out, size, group = [], 0, first
+        for n in order[start:]:
+            cost = 8 * self._width(n) ** 2
+            if self.groups[n] != group:
+                group = self.groups[n]
+                if size + sum(8 * self._width(m) ** 2 for m in order if self.groups[m] == group) > self.budget:
+                    break
+            out.append(n)
+            size += cost
+        return out
+
     def _run(self, names: list[str]) -> dict[str, np.ndarray]:
-        n, s = self.ids.shape
         acc = {name: 0.0 for name in names}
-        for b0 in range(0, n, self.batch):
-            ids = self.ids[b0:b0 + self.batch]
-            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                     "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), ids.shape).copy(),
-                     "num_logits_to_keep": np.array(1, np.int64), **empty_past(self.sess, len(ids))}
-            for name, x in zip(names, self.sess.run(names, {k: v for k, v in feeds.items() if k in self.inputs})):
+        for b0 in range(0, len(self.ids), self.batch):
+            for name, x in zip(names, self._outputs(names, self.ids[b0:b0 + self.batch])):
                 x = x.reshape(-1, x.shape[-1])
                 acc[name] = acc[name] + (x.T @ x).astype(np.float64)  # a few hundred rows per GEMM
         return acc
+
+    def _outputs(self, names: list[str], ids: np.ndarray) -> list[np.ndarray]:
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy(),
+                 "num_logits_to_keep": np.array(1, np.int64), **empty_past(self.sess, len(ids))}
+        return self.sess.run(names, {k: v for k, v in feeds.items() if k in self.inputs})
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -119,3 +119,17 @@ def test_gptq_flag_refused_where_it_means_nothing(tiny_artifacts, tmp_path, prec
     with pytest.raises(CheckpointError):
         quantize_artifact(src, tmp_path / "x", precision=precision, gptq=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_moments_held_within_the_budget(tiny_artifacts):
+    """A budget for one layer holds one layer; a large one holds them all after one run;
+    either way the matrices are the same."""
+    src = tiny_artifacts["tiny-gemma1"][0]
+    path = src / "model.onnx"
+    groups = product_inputs(onnx.load(str(path), load_external_data=False))
+    ids = sample_tokens(path, bos_id=2, sequences=2, length=8, seed=3)
+    small, large = InputMoments(path, ids, groups, budget=1), InputMoments(path, ids, groups)
+    for n in groups:
+        np.testing.assert_allclose(small.get(n), large.get(n), rtol=1e-6)
+        assert set(small.held) == {x for x, g in groups.items() if g == groups[n]}
+        assert set(large.held) == set(groups)
