@@ -49,6 +49,9 @@ KEPT_FP32_QUANTIZED = [
 ]
 
 
+_FLAGS = {"symmetric": ("--asymmetric", "--symmetric"), "gptq": ("--rtn", "--gptq")}  # the CLI's spelling
+
+
 def make_recipe(precision: Precision, block_size: int | None = None, symmetric: bool | None = None,
                 accuracy_level: int | None = None, gptq: bool | None = None) -> Recipe | narrow.NarrowRecipe:
     changes = {k: v for k, v in dict(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
@@ -56,9 +59,11 @@ def make_recipe(precision: Precision, block_size: int | None = None, symmetric: 
                if v is not None}
     if precision in (Precision.FP16, Precision.BF16):
         if changes:
-            flags = ", ".join("--" + k.replace("_", "-") for k in changes)
+            flags = ", ".join(_FLAGS[k][bool(v)] if k in _FLAGS else "--" + k.replace("_", "-")
+                              for k, v in changes.items())
             verb = "applies" if len(changes) == 1 else "apply"
-            raise CheckpointError(f"--precision {precision.value}: {flags} {verb} to int8, int4 and gguf only")
+            targets = "int8, int4 and gguf" if set(changes) == {"accuracy_level"} else "int8 and int4"
+            raise CheckpointError(f"--precision {precision.value}: {flags} {verb} to {targets} only")
         return narrow.NarrowRecipe(precision.value)
     base = RECIPES[precision.value]
     if precision == Precision.GGUF and {"block_size", "symmetric", "gptq"} & changes.keys():

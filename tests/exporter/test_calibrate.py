@@ -115,8 +115,8 @@ def test_int4_defaults_to_gptq_and_rtn_is_selectable(tiny_artifacts, tmp_path):
 @pytest.mark.parametrize("precision", ["gguf", "fp16"])
 def test_gptq_flag_refused_where_it_means_nothing(tiny_artifacts, tmp_path, precision):
     src = tiny_artifacts["tiny-gemma1"][0]
-    with pytest.raises(CheckpointError):
-        quantize_artifact(src, tmp_path / "x", precision=precision, gptq=True)
+    with pytest.raises(CheckpointError, match="GGUF file" if precision == "gguf" else "--rtn applies to int8 and int4"):
+        quantize_artifact(src, tmp_path / "x", precision=precision, gptq=False)
     assert not (tmp_path / "x").exists()
 
 
