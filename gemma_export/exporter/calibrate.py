@@ -86,8 +86,8 @@ class InputMoments:
     """
 
     def __init__(self, model_path: Path, ids: np.ndarray, groups: dict[str, str], batch: int = 4,
-                 budget: int = 2**30, progress=None):
-        self.ids, self.groups, self.batch, self.budget, self.progress = ids, groups, batch, budget, progress
+                 budget: int = 2**30):
+        self.ids, self.groups, self.batch, self.budget = ids, groups, batch, budget
         self.sess = fp32_session(model_path, list(groups))
         self.inputs = {i.name for i in self.sess.get_inputs()}
         self.widths = {o.name: o.shape[-1] for o in self.sess.get_outputs()}
