@@ -93,7 +93,10 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
     graph summary, manifest extras)."""
     import onnx
 
-    proto = onnx.load(str(src_model))
+    try:
+        proto = onnx.load(str(src_model))
+    except onnx.checker.ValidationError as e:  # e.g. a weights file with a second hard link
+        raise ArtifactError(f"{src_model.parent}: cannot read the fp32 weights ({str(e).strip().splitlines()[0]})") from e
     extra: dict[str, Any] = {}
     if isinstance(recipe, narrow.NarrowRecipe):
         keep = {}

@@ -123,6 +123,23 @@ def test_quantize_refuses_bad_input(tiny_artifacts, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
 
 
+def test_quantize_explains_a_hard_linked_weights_file(tiny_artifacts, tmp_path):
+    """onnx refuses to read external data with a second hard link (`cp -al` copies, say):
+    one line naming the artifact, no traceback, nothing written."""
+    import os
+    import shutil
+
+    from gemma_export.errors import ArtifactError
+
+    src = tmp_path / "src"
+    shutil.copytree(_tiny_fp32(tiny_artifacts, "tiny-gemma1"), src)
+    os.link(src / "model.onnx.data", tmp_path / "second-link")
+    with pytest.raises(ArtifactError, match="cannot read the fp32 weights") as e:
+        quantize_artifact(src, tmp_path / "q", precision="int8", verify=False)
+    assert "\n" not in str(e.value) and str(src) in str(e.value)
+    assert not (tmp_path / "q").exists()
+
+
 # -- real model ----------------------------------------------------------------------------------
 
 
