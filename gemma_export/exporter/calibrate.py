@@ -38,6 +38,13 @@ def fp32_session(model_path: Path, extra_outputs: list[str] = ()):
     return ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def run_fed(sess, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """sess.run(names) with the feeds the graph takes (not every graph has position_ids,
+    num_logits_to_keep or a cache)."""
+    wanted = {i.name for i in sess.get_inputs()}
+    return sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+
+
 def empty_past(sess, batch: int) -> dict[str, np.ndarray]:
     """past_key_values.* feeds of length 0: [batch, kv_heads, 0, head_dim]."""
     feeds = {}
@@ -89,13 +96,12 @@ class InputMoments:
                  budget: int = 2**30):
         self.ids, self.groups, self.batch, self.budget = ids, groups, batch, budget
         self.sess = fp32_session(model_path, list(groups))
-        self.inputs = {i.name for i in self.sess.get_inputs()}
-        self.widths = {o.name: o.shape[-1] for o in self.sess.get_outputs()}
+        self.widths: dict[str, int] = {}
         self.held: dict[str, np.ndarray] = {}
 
     def _width(self, name: str) -> int:
-        """K of a tensor [..., K]; where the graph doesn't say, one token's run measures all."""
-        if not isinstance(self.widths.get(name), int):
+        """K of a tensor [..., K]: the first call measures every tensor on one token."""
+        if not self.widths:
             names = list(self.groups)
             for n, x in zip(names, self._outputs(names, self.ids[:1, :1])):
                 self.widths[n] = int(x.shape[-1])
@@ -114,18 +120,16 @@ class InputMoments:
 
     def _next_names(self, name: str) -> list[str]:
         """`name`'s group and the whole groups after it that fit in the budget."""
-        order = list(self.groups)
-        first = self.groups[name]
-        start = next(i for i, n in enumerate(order) if self.groups[n] == first)
-        out, size, group = [], 0, first
-        for n in order[start:]:
-            cost = 8 * self._width(n) ** 2
-            if self.groups[n] != group:
-                group = self.groups[n]
-                if size + sum(8 * self._width(m) ** 2 for m in order if self.groups[m] == group) > self.budget:
-                    break
-            out.append(n)
-            size += cost
+        members: dict[str, list[str]] = {}  # group -> its tensors, groups in graph order
+        for n, g in self.groups.items():
+            members.setdefault(g, []).append(n)
+        order = list(members)
+        out, size = [], 0
+        for g in order[order.index(self.groups[name]):]:
+            cost = sum(8 * self._width(n) ** 2 for n in members[g])
+            if out and size + cost > self.budget:
+                break
+            out, size = out + members[g], size + cost
         return out
 
     def _run(self, names: list[str]) -> dict[str, np.ndarray]:
@@ -140,7 +144,7 @@ class InputMoments:
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
                  "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy(),
                  "num_logits_to_keep": np.array(1, np.int64), **empty_past(self.sess, len(ids))}
-        return self.sess.run(names, {k: v for k, v in feeds.items() if k in self.inputs})
+        return run_fed(self.sess, names, feeds)
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gemma_export.errors import ExportError
-from gemma_export.exporter.calibrate import empty_past, fp32_session
+from gemma_export.exporter.calibrate import empty_past, fp32_session, run_fed
 from gemma_export.exporter.quantize import EMBED
 
 FP16_MAX = 65504.0
@@ -138,8 +138,7 @@ def calibrate_ranges(model_path: Path, ids: np.ndarray, names: list[str]) -> dic
     s = ids.shape[1]
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, s), np.int64),
              "position_ids": np.arange(s, dtype=np.int64)[None], **empty_past(sess, 1)}
-    wanted = {i.name for i in sess.get_inputs()}  # any graph with input_ids, not only a decoder's
-    vals = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    vals = run_fed(sess, names, feeds)
     return {n: float(np.abs(v).max()) if v.size else 0.0 for n, v in zip(names, vals)}
 
 

@@ -113,9 +113,13 @@ def quantize_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool =
 
 def _as_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     n, k = w.shape
+    return w.astype(np.float32).reshape(n, _block_count(k, block_size), block_size)
+
+
+def _block_count(k: int, block_size: int) -> int:
     if k % block_size:
         raise ExportError(f"K={k} is not a multiple of block size {block_size}")
-    return w.astype(np.float32).reshape(n, k // block_size, block_size)
+    return k // block_size
 
 
 def _block_params(x: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -174,12 +178,11 @@ def gptq_factor(h: np.ndarray, damp: float = 0.01) -> np.ndarray:
 def gptq_with_factor(w: np.ndarray, U: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Blocks:
     """`gptq_blocks` given its input's factor U (`gptq_factor`)."""
     n, k = w.shape
-    if k % block_size:
-        raise ExportError(f"K={k} is not a multiple of block size {block_size}")
+    kb = _block_count(k, block_size)
     W = w.astype(np.float64)
     codes = np.empty((n, k), np.uint8)
-    scales = np.empty((n, k // block_size), np.float32)
-    zps = np.empty((n, k // block_size), np.uint8)
+    scales = np.empty((n, kb), np.float32)
+    zps = np.empty((n, kb), np.uint8)
     for b0 in range(0, k, block_size):
         b1 = b0 + block_size
         s, z = _block_params(W[:, b0:b1].astype(np.float32), bits, symmetric)
@@ -192,7 +195,7 @@ def gptq_with_factor(w: np.ndarray, U: np.ndarray, bits: int, block_size: int, s
             W[:, i + 1:b1] -= np.outer(e, U[i, i + 1:b1])
             err[:, i - b0] = e
         W[:, b1:] -= err @ U[b0:b1, b1:]  # the block's errors, carried onto the rest at once
-    return Blocks(codes.reshape(n, k // block_size, block_size), scales, zps, bits)
+    return Blocks(codes.reshape(n, kb, block_size), scales, zps, bits)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -293,6 +296,7 @@ class _Source:
         self.tensors = {}
         self.zero_scale_blocks = 0
         self.factors: dict[str, np.ndarray] = {}
+        self.gptq_products = 0
         if recipe.name == "gguf":
             if gguf_path is None:
                 raise ExportError("--precision gguf needs an artifact exported from a GGUF file")
@@ -310,6 +314,7 @@ class _Source:
             if h is not None:
                 if input_name not in self.factors:
                     self.factors = {input_name: gptq_factor(h)}  # inputs come in graph order
+                self.gptq_products += 1
                 return gptq_with_factor(w_nk, self.factors[input_name], r.bits, r.block_size, r.symmetric)
             return quantize_blocks(w_nk, r.bits, r.block_size, r.symmetric)
         gname = gguf_name(name)
@@ -379,7 +384,7 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
     new_inits: list[onnx.TensorProto] = []
     drop: set[str] = set()
     nodes: list[onnx.NodeProto] = []
-    summary = {"matmuls": 0, "gptq": 0, "lm_head": False, "embedding": False, "bits": {}}
+    summary = {"matmuls": 0, "lm_head": False, "embedding": False, "bits": {}}
     embed_blocks: Blocks | None = None
     targets = sum(_kind(n, inits) is not None for n in g.node)
     done = 0
@@ -389,7 +394,6 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             wname = node.input[1]
             w = numpy_helper.to_array(inits[wname]).T  # exporter stores [K, N]; blocks run along K
             b = src.blocks(wname, w, moments, node.input[0])
-            summary["gptq"] += moments is not None and node.input[0] in moments
             prefix = wname[: -len(".weight")]
             nodes.extend(_matmulnbits(node.name.replace("/MatMul", "/MatMulNBits"), node.input[0], node.output[0],
                                       b, prefix, new_inits, recipe.accuracy_level))
@@ -421,6 +425,7 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
     del g.node[:]
     g.node.extend(nodes)
     ensure_ms_opset(proto)
+    summary["gptq"] = src.gptq_products
     summary["gguf_zero_scale_blocks"] = src.zero_scale_blocks
     return summary
 

@@ -79,8 +79,7 @@ class Graph:
 
 def ensure_ms_opset(proto: onnx.ModelProto) -> None:
     """Declare the com.microsoft domain once, for graphs that now use its contrib ops."""
-    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    ensure_opset(proto, MS_DOMAIN, 1)
 
 
 def ensure_opset(proto: onnx.ModelProto, domain: str, version: int) -> None:

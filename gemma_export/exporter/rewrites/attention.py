@@ -23,8 +23,9 @@ About 45 nodes per layer become three (six with QK-norm). Exactness, left paddin
   - QK-norm stays a SimplifiedLayerNormalization per head in front of Attention.
 Why ONNX's Attention and not com.microsoft's GroupQueryAttention: on ONNX Runtime 1.32's
 CPU provider it measured 9-15% faster per decode call at the 270M's shapes
-(benchmarks/attention_ops.py; 2-4% of the whole int4 decode step), and is exact with left padding without GQA's workarounds
-(seqlens_k = total - 1 for every row; GQA's rotary reads decode positions from seqlens_k).
+(benchmarks/attention_ops.py; 2-4% of the whole int4 decode step), and is exact with
+left padding without GQA's workarounds (seqlens_k = total - 1 for every row; GQA's
+rotary reads decode positions from seqlens_k).
 The I/O contract is unchanged (present is [B, kv_heads, total, D], as past); the graph's
 default-domain opset goes to 23.
 
@@ -228,7 +229,7 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
         inv = (inv.astype(np.float32) / np.float32(cfg.rope_scale_for(ltype))).astype(np.float32)
         g.g.initializer.append(numpy_helper.from_array(inv[None, :], f"{p}/{t}/inv_freq"))
         new += [
-            helper.make_node("Mul", [f"{p}/pos2d", f"{p}/{t}/inv_freq"], [f"{p}/{t}/freqs"], name=f"{p}/{t}/Mul"),
+            helper.make_node("Mul", [names["pos"], f"{p}/{t}/inv_freq"], [f"{p}/{t}/freqs"], name=f"{p}/{t}/Mul"),
             helper.make_node("Cos", [f"{p}/{t}/freqs"], [names["cos"]], name=f"{p}/{t}/Cos"),
             helper.make_node("Sin", [f"{p}/{t}/freqs"], [names["sin"]], name=f"{p}/{t}/Sin"),
         ]
