@@ -1,12 +1,18 @@
-"""ONNX's Attention (opset 23) against com.microsoft's GroupQueryAttention, one decode step.
+"""One decode step of attention three ways, at Gemma 3 270M's shapes, on ONNX Runtime's CPU
+provider:
+
+  Attention      ONNX's Attention (opset 23): present = Concat(past, new), a new tensor
+  GQA concat     com.microsoft GroupQueryAttention, the same concat contract
+  GQA shared     GroupQueryAttention on one buffer per tensor, bound as both past and
+                 present: the new position is written in place, nothing else is copied
 
     .venv/bin/python benchmarks/attention_ops.py [--threads 2] [--past 192 1024]
 
-Gemma 3 270M's shapes (4 query heads, 1 KV head, head_dim 256), 18 layers chained in one
-graph as in the model, one new token over a past of P positions, ONNX Runtime's CPU
-provider. Both nodes get the same additive mask and past; the script prints the time per
-step of each, and the largest difference between their outputs. This is the measurement
-behind the attention rule's choice of op (exporter/rewrites/attention.py).
+18 layers chained in one graph as in the model (4 query heads, 1 KV head, head_dim 256),
+each layer with its own cache, one new token over a past of P positions, the same additive
+mask for all. Prints the time per step of each and the largest difference between their
+outputs. This is the measurement behind the attention rule's choice
+(exporter/rewrites/attention.py).
 """
 
 from __future__ import annotations
@@ -20,73 +26,95 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 LAYERS, Q_HEADS, KV_HEADS, HEAD_DIM = 18, 4, 1, 256
+VARIANTS = ("Attention", "GQA concat", "GQA shared")
 
 
-def graph(op: str, past: int) -> bytes:
-    nodes, outs, q = [], [], "q"
-    for i in range(LAYERS):
-        y = f"y{i}"
-        if op == "GroupQueryAttention":
-            ins = [q, "k", "v", "pk", "pv", "seqlens_k", "total", "", "", "", "mask"]
-            nodes.append(h.make_node(op, ins, [y, f"pk{i}", f"pv{i}"], domain="com.microsoft", num_heads=Q_HEADS,
-                                     kv_num_heads=KV_HEADS, scale=HEAD_DIM**-0.5))
-        else:
-            nodes.append(h.make_node(op, [q, "k", "v", "mask", "pk", "pv"], [y, f"pk{i}", f"pv{i}"],
-                                     q_num_heads=Q_HEADS, kv_num_heads=KV_HEADS, scale=HEAD_DIM**-0.5))
-        outs += [f"pk{i}", f"pv{i}"]
-        q = y
+def graph(variant: str, past: int, capacity: int) -> bytes:
     f = T.FLOAT
+    length = capacity if variant == "GQA shared" else past
+    nodes, outs, q = [], [], "q"
     inputs = [h.make_tensor_value_info("q", f, [1, 1, Q_HEADS * HEAD_DIM]),
               h.make_tensor_value_info("k", f, [1, 1, KV_HEADS * HEAD_DIM]),
               h.make_tensor_value_info("v", f, [1, 1, KV_HEADS * HEAD_DIM]),
-              h.make_tensor_value_info("pk", f, [1, KV_HEADS, past, HEAD_DIM]),
-              h.make_tensor_value_info("pv", f, [1, KV_HEADS, past, HEAD_DIM]),
-              h.make_tensor_value_info("mask", f, [1, 1, 1, past + 1])]
-    opsets = [h.make_opsetid("", 23)]
-    if op == "GroupQueryAttention":
-        inputs += [h.make_tensor_value_info("seqlens_k", T.INT32, [1]), h.make_tensor_value_info("total", T.INT32, [])]
-        opsets.append(h.make_opsetid("com.microsoft", 1))
+              h.make_tensor_value_info("mask", f, [1, 1, 1, past + 1]),
+              h.make_tensor_value_info("seqlens_k", T.INT32, [1]),
+              h.make_tensor_value_info("total", T.INT32, [])]
+    for i in range(LAYERS):
+        y, pk, pv = f"y{i}", f"pk{i}", f"pv{i}"
+        inputs += [h.make_tensor_value_info(n, f, [1, KV_HEADS, length, HEAD_DIM]) for n in (pk, pv)]
+        if variant == "Attention":
+            nodes.append(h.make_node("Attention", [q, "k", "v", "mask", pk, pv], [y, f"ok{i}", f"ov{i}"],
+                                     q_num_heads=Q_HEADS, kv_num_heads=KV_HEADS, scale=HEAD_DIM**-0.5))
+        else:
+            ins = [q, "k", "v", pk, pv, "seqlens_k", "total", "", "", "", "mask"]
+            nodes.append(h.make_node("GroupQueryAttention", ins, [y, f"ok{i}", f"ov{i}"], domain="com.microsoft",
+                                     num_heads=Q_HEADS, kv_num_heads=KV_HEADS, scale=HEAD_DIM**-0.5))
+        outs += [f"ok{i}", f"ov{i}"]
+        q = y
     outputs = [h.make_tensor_value_info(o, f, None) for o in [q, *outs]]
-    return h.make_model(h.make_graph(nodes, op, inputs, outputs), opset_imports=opsets).SerializeToString()
+    opsets = [h.make_opsetid("", 23), h.make_opsetid("com.microsoft", 1)]
+    return h.make_model(h.make_graph(nodes, variant, inputs, outputs), opset_imports=opsets).SerializeToString()
+
+
+def bound(variant: str, past: int, capacity: int, threads: int, rng) -> tuple[ort.InferenceSession, ort.IOBinding]:
+    """A session and an IO binding for one step; the shared variant's present outputs are
+    bound to the memory of its past inputs, the others let ONNX Runtime allocate them."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(graph(variant, past, capacity), opts, providers=["CPUExecutionProvider"])
+    r = np.random.default_rng(0)  # the same numbers for every variant
+    b = sess.io_binding()
+    for name, shape in (("q", (1, 1, Q_HEADS * HEAD_DIM)), ("k", (1, 1, KV_HEADS * HEAD_DIM)),
+                        ("v", (1, 1, KV_HEADS * HEAD_DIM))):
+        b.bind_cpu_input(name, r.standard_normal(shape, np.float32))
+    b.bind_cpu_input("mask", np.zeros((1, 1, 1, past + 1), np.float32))
+    b.bind_cpu_input("seqlens_k", np.array([past], np.int32))  # every row full: total - 1
+    b.bind_cpu_input("total", np.array(past + 1, np.int32))
+    b.bind_output(f"y{LAYERS - 1}", "cpu")
+    keep = []
+    for i in range(LAYERS):
+        for pin, pout in ((f"pk{i}", f"ok{i}"), (f"pv{i}", f"ov{i}")):
+            cache = r.standard_normal((1, KV_HEADS, past, HEAD_DIM), np.float32)
+            if variant == "GQA shared":
+                buf = np.zeros((1, KV_HEADS, capacity, HEAD_DIM), np.float32)
+                buf[:, :, :past] = cache
+                v = ort.OrtValue.ortvalue_from_numpy(buf)
+                keep.append(buf)
+                b.bind_ortvalue_input(pin, v)
+                b.bind_ortvalue_output(pout, v)
+            else:
+                b.bind_cpu_input(pin, cache)
+                keep.append(cache)
+                b.bind_output(pout, "cpu")
+    sess._keep = keep  # the bound numpy memory must outlive the binding
+    return sess, b
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--past", type=int, nargs="+", default=[192, 1024])
-    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--calls", type=int, default=100)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, {LAYERS} layers per step")
     for past in args.past:
-        feeds = {"q": rng.standard_normal((1, 1, Q_HEADS * HEAD_DIM), np.float32),
-                 "k": rng.standard_normal((1, 1, KV_HEADS * HEAD_DIM), np.float32),
-                 "v": rng.standard_normal((1, 1, KV_HEADS * HEAD_DIM), np.float32),
-                 "pk": rng.standard_normal((1, KV_HEADS, past, HEAD_DIM), np.float32),
-                 "pv": rng.standard_normal((1, KV_HEADS, past, HEAD_DIM), np.float32),
-                 "mask": np.zeros((1, 1, 1, past + 1), np.float32)}
-        results, times = {}, {}
-        for op in ("GroupQueryAttention", "Attention"):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = args.threads
-            sess = ort.InferenceSession(graph(op, past), opts, providers=["CPUExecutionProvider"])
-            f = dict(feeds)
-            if op == "GroupQueryAttention":  # every row full: seqlens_k = total - 1
-                f.update(seqlens_k=np.array([past], np.int32), total=np.array(past + 1, np.int32))
-            results[op] = sess.run(None, f)[0]
-            for _ in range(20):
-                sess.run(None, f)
-            best = float("inf")
-            for _ in range(5):
+        runs = {v: bound(v, past, past + 64, args.threads, rng) for v in VARIANTS}
+        results, times = {}, {v: float("inf") for v in VARIANTS}
+        for v, (sess, b) in runs.items():
+            sess.run_with_iobinding(b)
+            results[v] = b.get_outputs()[0].numpy()
+        for _ in range(5):  # rounds, interleaved; the best of each
+            for v, (sess, b) in runs.items():
+                for _ in range(10):
+                    sess.run_with_iobinding(b)
                 t = time.perf_counter()
                 for _ in range(args.calls):
-                    sess.run(None, f)
-                best = min(best, (time.perf_counter() - t) / args.calls)
-            times[op] = best
-        diff = float(np.abs(results["Attention"] - results["GroupQueryAttention"]).max())
-        print(f"past {past}: GroupQueryAttention {times['GroupQueryAttention'] * 1e6:.0f} us, "
-              f"Attention {times['Attention'] * 1e6:.0f} us per step "
-              f"({times['GroupQueryAttention'] / times['Attention']:.2f}x), max |difference| {diff:.1e}")
+                    sess.run_with_iobinding(b)
+                times[v] = min(times[v], (time.perf_counter() - t) / args.calls)
+        diff = max(float(np.abs(results[v] - results["Attention"]).max()) for v in VARIANTS)
+        print(f"past {past}: " + ", ".join(f"{v} {times[v] * 1e6:.0f} us" for v in VARIANTS)
+              + f" per step; max |difference| {diff:.1e}")
 
 
 if __name__ == "__main__":

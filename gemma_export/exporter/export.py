@@ -49,6 +49,7 @@ EMBED_WEIGHT = "model.embed_tokens.weight"
 
 # Symbolic dim names of the contract (the names onnxruntime-genai and Optimum read).
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+CAPACITY = "cache_capacity"  # shared-cache graphs: past and present are one buffer of this length
 
 
 # Optional input (an initializer that is also a graph input, default 0 = all positions):
@@ -68,11 +69,16 @@ def kv_names(cfg: GemmaConfig, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{t}" for i in range(cfg.num_hidden_layers) for t in ("key", "value")]
 
 
-def io_spec(cfg: GemmaConfig, kv_dtype: str = "float32", logits_dtype: str = "float32") -> dict:
+def io_spec(cfg: GemmaConfig, kv_dtype: str = "float32", logits_dtype: str = "float32", kv_cache: str = "concat") -> dict:
     """The I/O contract as data: name -> (dtype, dims). Written to the manifest and
-    checked against the graph by the tests, so it cannot drift silently."""
-    kv_in = [BATCH, cfg.num_key_value_heads, PAST, cfg.head_dim]
-    kv_out = [BATCH, cfg.num_key_value_heads, TOTAL, cfg.head_dim]
+    checked against the graph by the tests, so it cannot drift silently.
+
+    kv_cache "concat" (the traced graph's contract): past holds the P earlier positions,
+    present = past + the S new ones. "shared" (the fused integer graphs): past and present
+    are the same buffer of `cache_capacity` positions, the first T - S filled; the graph
+    writes the new positions in place and the caller binds present to past's memory."""
+    kv_in = [BATCH, cfg.num_key_value_heads, PAST if kv_cache == "concat" else CAPACITY, cfg.head_dim]
+    kv_out = [BATCH, cfg.num_key_value_heads, TOTAL if kv_cache == "concat" else CAPACITY, cfg.head_dim]
     inputs = {
         "input_ids": ("int64", [BATCH, SEQ]),
         "attention_mask": ("int64", [BATCH, TOTAL]),

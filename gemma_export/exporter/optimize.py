@@ -41,14 +41,64 @@ def apply_rule(g: Graph, rule: Rule) -> tuple[int, dict[str, int]]:
     return fired, reasons
 
 
-def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES, cfg=None) -> dict[str, int]:
-    """Apply `rules`, then (given the model's config: the integer recipes) the attention
-    fusion and the stacking of projections that share an input."""
-    if cfg is not None:
-        rules = (*rules, AttentionRule(cfg), PackProjectionsRule())
+def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES, cfg=None,
+                   portable: list | None = None) -> dict[str, int]:
+    """Apply `rules`, then (given the model's config: the integer recipes) the stacking of
+    projections that share an input and the attention fusion, which also moves the KV
+    cache to shared buffers (a contract change). With a `portable` list, the graph just
+    before the attention fusion is appended to it, as a skeleton (`skeleton`): the
+    contract-exact sibling the artifact ships next to the fused graph."""
+    extra = (PackProjectionsRule(),) if cfg is not None else ()
     g = Graph(proto)
     counts = {}
-    for rule in rules:
+    for rule in (*rules, *extra):
+        counts[rule.name], _ = apply_rule(g, rule)
+    if cfg is not None:
+        ensure_ms_opset(proto)
+        if portable is not None:
+            portable.append(skeleton(proto))
+        rule = AttentionRule(cfg)
         counts[rule.name], _ = apply_rule(g, rule)
     ensure_ms_opset(proto)
     return counts
+
+
+SMALL = 1024  # bytes: initializers this small stay inline (onnx.save's size_threshold in pipeline)
+
+
+def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the graph without its large initializers' data (those are named in
+    `proto.graph.initializer` with no payload: `fill_from` points them at the weights
+    file once the fused graph has been saved). No weight is copied in memory."""
+    s = onnx.ModelProto()
+    s.ir_version = proto.ir_version
+    s.opset_import.extend(proto.opset_import)
+    s.producer_name, s.producer_version = proto.producer_name, proto.producer_version
+    s.graph.name = proto.graph.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(s.graph, field).extend(getattr(proto.graph, field))
+    for t in proto.graph.initializer:
+        if _nbytes(t) <= SMALL:
+            s.graph.initializer.append(t)
+        else:
+            s.graph.initializer.add(name=t.name)  # placeholder: filled from the saved fused graph
+    return s
+
+
+def fill_from(skel: onnx.ModelProto, saved: onnx.ModelProto) -> onnx.ModelProto:
+    """Point the skeleton's large initializers at the external data `saved` (a graph
+    saved with external data, sharing those initializers by name) already wrote."""
+    by_name = {t.name: t for t in saved.graph.initializer}
+    for t in skel.graph.initializer:
+        if not t.HasField("data_type"):
+            src = by_name.get(t.name)
+            if src is None or src.data_location != onnx.TensorProto.EXTERNAL:
+                raise ValueError(f"{t.name}: not in the saved graph's weights file")
+            t.CopyFrom(src)
+    return skel
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return SMALL + 1
+    return len(t.raw_data) or t.ByteSize()

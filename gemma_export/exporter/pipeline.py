@@ -15,9 +15,9 @@ from typing import Any
 
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError
 from gemma_export.exporter import artifact as art
-from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, export_onnx, io_spec
+from gemma_export.exporter.export import CAPACITY, DATA_FILE, MODEL_FILE, export_onnx, io_spec
 from gemma_export.exporter import narrow
-from gemma_export.exporter.optimize import optimize_graph
+from gemma_export.exporter.optimize import SMALL, fill_from, optimize_graph
 from gemma_export.exporter.precision import Precision
 from gemma_export.exporter.quantize import RECIPES, Recipe, product_inputs, quantize_graph
 from gemma_export.exporter.verify import format_report, verify_artifact
@@ -88,7 +88,9 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
     """Read an fp32 graph, rewrite it with `recipe` (fusing first for fp16/bf16, after for
     the integer recipes), save into dst (model.onnx + data, and model.cpu.onnx for fp16/bf16).
     The integer recipes target ONNX Runtime's CPU provider and also get the attention
-    fusion (ONNX Attention, given `cfg`); fp32, fp16 and bf16 keep plain attention.
+    fusion (GroupQueryAttention on a shared KV buffer, given `cfg`), with the
+    contract-exact graph beside it (model.portable.onnx, same weights file); fp32, fp16
+    and bf16 keep plain attention.
     `calibration()` gives the tokens fp16's range guard runs on. Returns (recipe summary,
     graph summary, manifest extras)."""
     import onnx
@@ -98,6 +100,7 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
     except onnx.checker.ValidationError as e:  # e.g. a weights file with a second hard link
         raise ArtifactError(f"{src_model.parent}: cannot read the fp32 weights ({str(e).strip().splitlines()[0]})") from e
     extra: dict[str, Any] = {}
+    portable: list = []
     if isinstance(recipe, narrow.NarrowRecipe):
         keep = {}
         if calibration is not None:
@@ -110,9 +113,15 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
         if recipe.gptq:
             moments = _gptq_moments(src_model, proto, recipe, cfg, progress)
         summary = quantize_graph(proto, recipe, gguf_path, progress, moments)
-        fusions = optimize_graph(proto, cfg=cfg) if optimize else {}
+        fusions = optimize_graph(proto, cfg=cfg, portable=portable) if optimize else {}
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=DATA_FILE, size_threshold=1024)
+              location=DATA_FILE, size_threshold=SMALL)
+    if _shares_cache(proto):
+        # The fused graph's cache is one buffer per tensor (a contract change): the manifest
+        # says so, and the contract-exact graph from just before the attention fusion ships
+        # beside it, reading the same weights file.
+        onnx.save(fill_from(portable[0], proto), str(dst / PORTABLE_MODEL_FILE))
+        extra.update(kv_cache="shared", io=io_spec(cfg, kv_cache="shared"), portable_model_file=PORTABLE_MODEL_FILE)
     if isinstance(recipe, narrow.NarrowRecipe):
         # The same weights file, read by the graph that computes on CPU what CUDA computes.
         onnx.save(narrow.cpu_fallback_graph(proto), str(dst / narrow.CPU_MODEL_FILE))
@@ -179,8 +188,16 @@ def _finish_fp32(d: Path, optimize: bool) -> dict:
 def _contrib_ops(op_types: dict[str, int]) -> list[str]:
     """Ops outside standard ONNX that the graph needs from ONNX Runtime."""
     ort_only = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "MatMulNBits",
-                "GatherBlockQuantized", "RotaryEmbedding"}
+                "GatherBlockQuantized", "RotaryEmbedding", "GroupQueryAttention"}
     return sorted(set(op_types) & ort_only)
+
+
+PORTABLE_MODEL_FILE = "model.portable.onnx"
+
+
+def _shares_cache(proto) -> bool:
+    past = next(i for i in proto.graph.input if i.name.startswith("past_key_values."))
+    return past.type.tensor_type.shape.dim[2].dim_param == CAPACITY
 
 
 def _write_side_files(d: Path, cfg, tok: bytes | None) -> None:
@@ -208,7 +225,7 @@ def _manifest(d: Path, *, cfg, precision: Precision, recipe: dict, kept: list[st
         "layer_types": [t.value for t in cfg.layer_types],
         "max_length": max_length,
         "io": io_spec(cfg),
-        "opset": graph["opset"],  # as traced (18); 23 where the attention fusion fired
+        "opset": graph["opset"],  # the graph's own default-domain opset (18 as traced)
         "graph": graph,
         # Non-standard ops this graph needs (ONNX Runtime contrib ops); [] = portable ONNX.
         "onnxruntime_ops": _contrib_ops(graph["op_types"]),

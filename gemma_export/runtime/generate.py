@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gemma_export.errors import RuntimeConfigError
-from gemma_export.runtime.session import DecoderSession
+from gemma_export.runtime.session import DecoderSession, KVCache
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,16 @@ def sample(logits: np.ndarray, seen: np.ndarray, cfg: SamplingConfig, rng: np.ra
 
 @dataclass
 class DecodeState:
-    cache: list
+    cache: KVCache
     mask: np.ndarray  # [B, T] 1 = real token
     positions: np.ndarray  # [B, 1] position of the last fed token
     logits: np.ndarray  # [B, V] next-token logits
 
 
-def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]]) -> DecodeState:
-    """Run the left-padded prompts; the state holds logits for each row's next token."""
+def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]], capacity: int = 0) -> DecodeState:
+    """Run the left-padded prompts; the state holds logits for each row's next token.
+    `capacity`: the positions the whole generation will need, where the cache can reserve
+    them up front (shared layout); it grows on demand either way."""
     B, width = len(prompts), max(len(p) for p in prompts)
     ids = np.full((B, width), sess.pad_id, np.int64)
     mask = np.zeros((B, width), np.int64)
@@ -105,7 +107,7 @@ def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]]) -> DecodeSta
         ids[b, width - len(p):] = p
         mask[b, width - len(p):] = 1
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(B), last_only=True)
+    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(B, capacity), last_only=True)
     return DecodeState(cache, mask, pos[:, -1:], logits[:, -1])
 
 
@@ -151,7 +153,7 @@ def generate_ids(
     seen = [np.unique(np.asarray(p, np.int64)) for p in prompts]
 
     t0 = time.perf_counter()
-    state = prefill(sess, prompts)
+    state = prefill(sess, prompts, capacity=min(sess.max_length, longest + cfg.max_new_tokens))
     t1 = time.perf_counter()
     steps = 0
     while True:

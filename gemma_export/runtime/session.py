@@ -5,16 +5,24 @@ cache that stays where the model runs. No torch.
     cache = sess.new_cache(batch)
     logits, cache = sess.forward(input_ids, attention_mask, position_ids, cache)
 
-The cache is a list of OrtValues living on the session's device. Each step binds the
-previous step's `present.*` outputs as this step's `past_key_values.*` inputs, so on CUDA
-the cache never makes a host round trip; only logits come back to the host. The same
-code runs on CPU (device "cpu"), which is how CI covers the CUDA path's logic.
+The cache is a `KVCache`: OrtValues living on the session's device and the number of
+positions they hold. Two layouts, read from the graph's own inputs:
+  - concat (the traced graph's contract): each step binds the previous step's
+    `present.*` outputs as this step's `past_key_values.*` inputs;
+  - shared (the fused integer graphs): one buffer per tensor with room for
+    `cache_capacity` positions, bound as both past and present, so the graph writes the
+    new positions in place and nothing is copied per step. The buffers grow (doubling,
+    the filled part copied once) when a step needs more room.
+Either way the cache never makes a host round trip on CUDA; only logits come back to the
+host. The same code runs on CPU (device "cpu"), which is how CI covers the CUDA path's
+logic.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ from gemma_export.errors import ArtifactError, RuntimeConfigError
 from gemma_export.runtime.manifest import check_files, read_manifest
 
 KEEP_INPUT = "num_logits_to_keep"  # exporter.export.KEEP_INPUT (the runtime does not import the exporter)
+CAPACITY = "cache_capacity"  # exporter.export.CAPACITY: the past dim of shared-cache graphs
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
@@ -41,6 +50,19 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+@dataclass
+class KVCache:
+    """The KV cache of one batch: `values` (past_key_values.* order) hold `length`
+    positions. A shared-layout cache is advanced in place, so only the newest cache of a
+    chain may be fed to the next step; `_filled` (shared by the chain) catches reuse of an
+    older one, which would otherwise overwrite positions the newer one relies on."""
+
+    values: list
+    length: int
+    batch: int
+    _filled: list = field(default_factory=lambda: [0], repr=False)
+
+
 class DecoderSession:
     """One artifact's decoder graph on one provider."""
 
@@ -50,6 +72,7 @@ class DecoderSession:
         provider: Provider | str = Provider.AUTO,
         threads: int | None = None,
         verify_checksums: bool = False,
+        portable: bool = False,
     ):
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
@@ -85,8 +108,13 @@ class DecoderSession:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # errors only; ORT warns about unused initializers etc.
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        # A graph per provider where the artifact has one (fp16/bf16: model.cpu.onnx).
+        # A graph per provider where the artifact has one (fp16/bf16: model.cpu.onnx); the
+        # contract-exact sibling of a fused integer graph on request.
         own = self.manifest.get("provider_model_files", {}).get("cuda" if use_cuda else "cpu")
+        if portable:
+            own = self.manifest.get("portable_model_file")
+            if own is None:
+                raise RuntimeConfigError(f"--portable: {self.dir} has no portable graph (its model.onnx is the only one)")
         self.model_path = model_path = self.dir / (own or self.manifest["model_file"])
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
@@ -97,16 +125,36 @@ class DecoderSession:
             raise RuntimeConfigError("--provider cuda: ONNX Runtime could not start the CUDA provider on this machine")
         self.provider = Provider.CUDA if took_cuda else Provider.CPU
         self.device = "cuda" if took_cuda else "cpu"
+        past = next(i for i in self.session.get_inputs() if i.name == self.past_names[0])
+        self.shared_cache = past.shape[2] == CAPACITY
 
     # -- cache -------------------------------------------------------------------------------
 
-    def new_cache(self, batch: int) -> list[ort.OrtValue]:
-        """An empty cache (past length 0) on the session's device."""
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        return [self._to_device(empty) for _ in self.past_names]
+    def new_cache(self, batch: int, capacity: int = 0) -> KVCache:
+        """An empty cache (length 0) on the session's device. `capacity`: positions a
+        shared-layout cache reserves up front (it grows on demand either way)."""
+        return KVCache([self._zeros(batch, 0 if not self.shared_cache else capacity) for _ in self.past_names],
+                       0, batch)
+
+    def _zeros(self, batch: int, length: int) -> ort.OrtValue:
+        return self._to_device(np.zeros((batch, self.kv_heads, length, self.head_dim), dtype=self.kv_dtype))
 
     def _to_device(self, a: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+
+    def _room(self, cache: KVCache, needed: int) -> list[ort.OrtValue]:
+        """Shared layout: buffers that hold `needed` positions, the filled ones kept."""
+        capacity = cache.values[0].shape()[2]
+        if needed <= capacity:
+            return cache.values
+        grown = max(needed, 2 * capacity)
+        out = []
+        for v in cache.values:
+            a = np.zeros((cache.batch, self.kv_heads, grown, self.head_dim), dtype=self.kv_dtype)
+            if cache.length:
+                a[:, :, : cache.length] = v.numpy()[:, :, : cache.length]
+            out.append(self._to_device(a))
+        return out
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -115,41 +163,44 @@ class DecoderSession:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
-        cache: list[ort.OrtValue],
+        cache: KVCache,
         last_only: bool = False,
-    ) -> tuple[np.ndarray, list[ort.OrtValue]]:
+    ) -> tuple[np.ndarray, KVCache]:
         """Run the graph once: logits [B, S, V] on the host (with `last_only`, [B, 1, V]
         where the graph can skip the LM head elsewhere), the new cache on the device."""
-        if last_only and self.keeps_logits:
-            return self._forward_last(input_ids, attention_mask, position_ids, cache)
+        total = cache.length + input_ids.shape[1]
+        if attention_mask.shape[1] != total:
+            raise RuntimeConfigError(f"attention_mask covers {attention_mask.shape[1]} positions; the cache holds "
+                                     f"{cache.length} and {input_ids.shape[1]} are fed")
         binding = self.session.io_binding()
-        for name, value in self._feeds(input_ids, attention_mask, position_ids, cache).items():
-            binding.bind_ortvalue_input(name, value)
+        ints = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for name, v in ints.items():
+            binding.bind_ortvalue_input(name, self._to_device(v.astype(np.int64, copy=False)))
+        if last_only and self.keeps_logits:
+            binding.bind_ortvalue_input(KEEP_INPUT, ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))
         binding.bind_output("logits", self.device)
+        if self.shared_cache:
+            if cache._filled[0] != cache.length:
+                raise RuntimeConfigError("this cache was advanced by a later step; continue from the newest cache")
+            values = self._room(cache, total)
+            for past, present, v in zip(self.past_names, self.present_names, values):
+                binding.bind_ortvalue_input(past, v)
+                binding.bind_ortvalue_output(present, v)
+            self.session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+            filled = cache._filled if values is cache.values else [0]
+            filled[0] = total
+            return logits, KVCache(values, total, cache.batch, filled)
+        for name, v in zip(self.past_names, cache.values):
+            binding.bind_ortvalue_input(name, v)
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        return outputs[0].numpy(), KVCache(list(outputs[1:]), total, cache.batch)
 
-    def _forward_last(self, input_ids, attention_mask, position_ids, cache):
-        # IO binding cannot name an overridable initializer; run_with_ort_values can. Its
-        # outputs come back on the host: one cache upload on CUDA per prefill, not per step.
-        feeds = self._feeds(input_ids, attention_mask, position_ids, cache)
-        feeds[KEEP_INPUT] = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
-        outputs = self.session.run_with_ort_values(["logits", *self.present_names], feeds)
-        return outputs[0].numpy(), [self._on_device(v) for v in outputs[1:]]
-
-    def _feeds(self, input_ids, attention_mask, position_ids, cache) -> dict[str, ort.OrtValue]:
-        ints = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        feeds = {k: self._to_device(v.astype(np.int64, copy=False)) for k, v in ints.items()}
-        return feeds | dict(zip(self.past_names, cache))
-
-    def _on_device(self, v: ort.OrtValue) -> ort.OrtValue:
-        return v if self.device == "cpu" else self._to_device(v.numpy())
-
-    def cache_length(self, cache: list[ort.OrtValue]) -> int:
-        return int(cache[0].shape()[2])
+    def cache_length(self, cache: KVCache) -> int:
+        return cache.length
 
 
 def _parse_provider(p: Provider | str) -> Provider:

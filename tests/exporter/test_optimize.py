@@ -123,9 +123,11 @@ def test_optimize_graph_is_idempotent(plain):
 
 @pytest.mark.parametrize("name", TINY)
 def test_attention_rule(plain, tmp_path, name):
-    """Every layer's attention becomes one ONNX Attention (opset 23); a left-padded batch (windows
-    of 8 crossed, Gemma 2's softcap, Gemma 3's QK-norm and two RoPE bases) gives the same
-    logits at every real position, through prefill and decode."""
+    """Every layer's attention becomes one GroupQueryAttention and the cache becomes one
+    buffer per tensor (past and present both `cache_capacity` long); a left-padded batch
+    (windows of 8 crossed, Gemma 2's softcap, Gemma 3's QK-norm and two RoPE bases) gives
+    the same logits at every real position as the traced graph, through prefill and decode,
+    and across the runtime growing the buffers (a first capacity of 22 positions)."""
     from gemma_export.exporter.rewrites.attention import AttentionRule
     from gemma_export.models.config import GemmaConfig
 
@@ -138,9 +140,11 @@ def test_attention_rule(plain, tmp_path, name):
         apply_rule(g, r)
     fired, _ = apply_rule(g, AttentionRule(cfg))
     ops = [n.op_type for n in proto.graph.node]
-    assert fired == cfg.num_hidden_layers == ops.count("Attention")
-    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 23
+    assert fired == cfg.num_hidden_layers == ops.count("GroupQueryAttention")
     assert "Softmax" not in ops and ops.count("RotaryEmbedding") == 2 * cfg.num_hidden_layers
+    kv = [v for v in [*proto.graph.input, *proto.graph.output] if v.name.startswith(("past_key_values.", "present."))]
+    assert len(kv) == 4 * cfg.num_hidden_layers
+    assert {v.type.tensor_type.shape.dim[2].dim_param for v in kv} == {"cache_capacity"}
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     fused = _with_graph(src, tmp_path / "fused", proto)
@@ -153,7 +157,8 @@ def test_attention_rule(plain, tmp_path, name):
         ids[b, 21 - n:] = [2] + rng.integers(4, cfg.vocab_size, n - 1).tolist()
         mask[b, 21 - n:] = 1
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    states = [(s, s.new_cache(3)) for s in (ref_sess, fused)]
+    assert fused.shared_cache and not ref_sess.shared_cache
+    states = [(s, s.new_cache(3, capacity=22)) for s in (ref_sess, fused)]
     outs = [[], []]
     for step in range(6):
         for k, (s, cache) in enumerate(states):
@@ -202,30 +207,45 @@ def test_pack_projections_rule(plain, tmp_path, name):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
 
 
-def test_attention_op_caps_scores_before_the_mask():
-    """The attention rule hands Gemma 2's softcap to ONNX Attention with the graph's
-    additive mask; exact only if masked keys get weight 0 however low the visible scores
-    are (softcap then mask, as Gemma 2 computes). Scores here sit near -softcap, where
-    mask-then-softcap would give the masked key about a quarter of the weight."""
+def test_attention_op_caps_scores_before_the_bias():
+    """The attention rule hands Gemma 2's softcap to GroupQueryAttention with the graph's
+    additive mask as attention_bias; exact only if masked keys get weight 0 however low
+    the visible scores are (softcap then mask, as Gemma 2 computes). Scores here sit near
+    -softcap, where mask-then-softcap would give the masked key about a quarter of the
+    weight. The cache is shared (past and present one buffer), as the runtime drives it."""
     import onnxruntime as ort
     from onnx import TensorProto as T
     from onnx import helper as h
 
-    d, past, cap = 4, 3, 5.0
-    node = h.make_node("Attention", ["q", "k", "v", "mask", "pk", "pv"], ["y", "prk", "prv"],
-                       q_num_heads=1, kv_num_heads=1, scale=1.0, softcap=cap)
+    d, past, cap = 8, 3, 5.0  # GroupQueryAttention wants head_size % 8 == 0
+    node = h.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens_k", "total", "", "", "", "mask"],
+                       ["y", "prk", "prv"], domain="com.microsoft", num_heads=1, kv_num_heads=1, scale=1.0, softcap=cap)
     shapes = {"q": [1, 1, d], "k": [1, 1, d], "v": [1, 1, d], "mask": [1, 1, 1, past + 1],
-              "pk": [1, 1, past, d], "pv": [1, 1, past, d]}
-    graph = h.make_graph([node], "a", [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in shapes.items()],
-                         [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("y", "prk", "prv")])
-    sess = ort.InferenceSession(h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
-    q = np.full((1, 1, d), 10.0, np.float32)
+              "pk": [1, 1, past + 1, d], "pv": [1, 1, past + 1, d]}
+    inputs = [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in shapes.items()]
+    inputs += [h.make_tensor_value_info("seqlens_k", T.INT32, [1]), h.make_tensor_value_info("total", T.INT32, [])]
+    graph = h.make_graph([node], "a", inputs, [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("y", "prk", "prv")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q = np.full((1, 1, d), 5.0, np.float32)
     keys = np.stack([np.full(d, -1.0), np.full(d, -1.2), np.full(d, -0.9), np.full(d, -1.1)]).astype(np.float32)
     vals = np.arange(4 * d, dtype=np.float32).reshape(4, d) * 100
     mask = np.array([np.finfo(np.float32).min, 0, 0, 0], np.float32)  # the first (past) key is masked
-    y = sess.run(["y"], {"q": q, "k": keys[None, 3:], "v": vals[None, 3:], "mask": mask.reshape(1, 1, 1, -1),
-                         "pk": keys[None, None, :3], "pv": vals[None, None, :3]})[0]
+    kbuf, vbuf = np.zeros((1, 1, past + 1, d), np.float32), np.zeros((1, 1, past + 1, d), np.float32)
+    kbuf[0, 0, :past], vbuf[0, 0, :past] = keys[:past], vals[:past]
+    kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in (kbuf, vbuf)]
+    b = sess.io_binding()
+    feeds = {"q": q, "k": keys[None, 3:], "v": vals[None, 3:], "mask": mask.reshape(1, 1, 1, -1),
+             "seqlens_k": np.array([past], np.int32), "total": np.array(past + 1, np.int32)}
+    for n, a in feeds.items():
+        b.bind_cpu_input(n, a)
+    for (i, o), v in zip((("pk", "prk"), ("pv", "prv")), kv):
+        b.bind_ortvalue_input(i, v)
+        b.bind_ortvalue_output(o, v)
+    b.bind_output("y", "cpu")
+    sess.run_with_iobinding(b)
+    y = b.get_outputs()[-1].numpy()
+    np.testing.assert_array_equal(kv[0].numpy()[0, 0, past], keys[3])  # written in place
     scores = cap * np.tanh(keys @ q[0, 0] / cap) + mask  # -40 / -48 / -36 / -44 before capping
     w = np.exp(scores - scores.max())
     np.testing.assert_allclose(y[0, 0], (w / w.sum()) @ vals, rtol=1e-5)

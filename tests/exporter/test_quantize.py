@@ -97,6 +97,82 @@ def test_recipe_computes_its_dequantized_weights(tiny_artifacts, tmp_path, name,
     assert sum(1 for i in proto.graph.initializer if i.name == "model.embed_tokens.qweight") == 1
 
 
+def _ragged_run(sess, vocab, steps=5):
+    """Logits of a left-padded batch of 3 (lengths 17, 9, 3) through prefill and decode."""
+    rng = np.random.default_rng(3)
+    lens, width = [17, 9, 3], 17
+    ids, mask = np.zeros((3, width), np.int64), np.zeros((3, width), np.int64)
+    for b, n in enumerate(lens):
+        ids[b, width - n:] = [2] + rng.integers(4, vocab, n - 1).tolist()
+        mask[b, width - n:] = 1
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(3))
+    rows = [logits[mask.astype(bool)]]
+    for _ in range(steps):
+        ids = rng.integers(4, vocab, (3, 1))
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], 1)
+        pos = pos[:, -1:] + 1
+        logits, cache = sess.forward(ids, mask, pos, cache)
+        rows.append(logits[:, -1])
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma2", "tiny-gemma3"])
+def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifacts, tmp_path, name):
+    """The integer recipes' fused graph reads and writes one KV buffer per tensor (the
+    manifest and the graph's I/O say cache_capacity); model.portable.onnx keeps the traced
+    contract, reads the same weights file (no second copy), and computes the same logits."""
+    from gemma_export.exporter.export import io_spec
+    from gemma_export.models.config import GemmaConfig
+
+    out = tmp_path / "int4"
+    quantize_artifact(_tiny_fp32(tiny_artifacts, name), out, precision="int4", accuracy_level=0, verify=False)
+    m = json.loads((out / "manifest.json").read_text())
+    cfg = GemmaConfig.from_dict(m["config"])
+    assert m["kv_cache"] == "shared" and m["portable_model_file"] == "model.portable.onnx"
+    assert m["io"] == io_spec(cfg, kv_cache="shared")
+    assert set(m["files"]) >= {"model.onnx", "model.portable.onnx", "model.onnx.data"}
+    fused, portable = (onnx.load(str(out / f), load_external_data=False) for f in ("model.onnx", "model.portable.onnx"))
+
+    def dims(proto, name):
+        v = next(x for x in [*proto.graph.input, *proto.graph.output] if x.name == name)
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    contract = io_spec(cfg)
+    for name_, spec in [*contract["inputs"].items(), *contract["outputs"].items()]:
+        if name_ != "num_logits_to_keep":
+            assert dims(portable, name_) == spec["shape"], name_
+    assert dims(fused, "past_key_values.0.key")[2] == dims(fused, "present.0.value")[2] == "cache_capacity"
+    assert "GroupQueryAttention" in {n.op_type for n in fused.graph.node}
+    assert "GroupQueryAttention" not in {n.op_type for n in portable.graph.node}
+    external = {e.value for p in (fused, portable) for t in p.graph.initializer for e in t.external_data
+                if e.key == "location"}
+    assert external == {"model.onnx.data"}
+    inline = [t.name for t in portable.graph.initializer if len(t.raw_data) > 1024]
+    assert not inline  # every weight is read from the one data file
+    a, b = DecoderSession(out, provider="cpu"), DecoderSession(out, provider="cpu", portable=True)
+    assert a.shared_cache and not b.shared_cache
+    got, ref = _ragged_run(a, a.vocab_size), _ragged_run(b, b.vocab_size)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_shared_cache_refuses_a_superseded_cache(tiny_artifacts, tmp_path):
+    """A shared cache is advanced in place: stepping again from an older cache of the same
+    chain would overwrite what the newer one holds, so it is refused; the newest works."""
+    from gemma_export.errors import RuntimeConfigError
+
+    out = tmp_path / "int8"
+    quantize_artifact(_tiny_fp32(tiny_artifacts, "tiny-gemma3"), out, precision="int8", verify=False)
+    sess = DecoderSession(out, provider="cpu")
+    ids = np.array([[2, 9, 10, 11]])
+    _, c1 = sess.forward(ids, np.ones_like(ids), np.arange(4)[None], sess.new_cache(1, capacity=16))
+    _, c2 = sess.forward(np.array([[5]]), np.ones((1, 5), np.int64), np.array([[4]]), c1)
+    with pytest.raises(RuntimeConfigError, match="newest"):
+        sess.forward(np.array([[6]]), np.ones((1, 5), np.int64), np.array([[4]]), c1)
+    _, c3 = sess.forward(np.array([[6]]), np.ones((1, 6), np.int64), np.array([[5]]), c2)
+    assert sess.cache_length(c3) == 6
+
+
 @pytest.mark.parametrize("name", ["tiny-gemma2"])
 def test_int8_activations_stay_close(tiny_artifacts, tmp_path, name):
     """The default accuracy_level 4 quantizes activations too: close, not exact."""

@@ -22,7 +22,8 @@ class CountingModel:
         self.max_length = max_length
         self.calls = []
 
-    def new_cache(self, batch):
+    def new_cache(self, batch, capacity=0):
+        self.capacity = capacity
         return [np.zeros((batch, 0))]
 
     def cache_length(self, cache):

@@ -39,10 +39,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule, ensure_opset
+from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
 
 _SHARED = "/model/attention"
-ATTENTION_OPSET = 23  # ONNX's Attention (kv_num_heads, softcap, past/present) first appears here
 
 
 def _scope(node: onnx.NodeProto) -> str | None:
@@ -130,21 +129,24 @@ class AttentionRule(Rule):
         # RoPE as RotaryEmbedding on the explicit position_ids (left-padded rows start at 0).
         q = _rotary(pre, m["scope"] + "q_rotary", q, shared)
         k = _rotary(pre, m["scope"] + "k_rotary", k, shared)
-        ins = [q, k, m["v"], m["mask"], f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        attrs = dict(q_num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
+        ins = [q, k, m["v"], f"past_key_values.{i}.key", f"past_key_values.{i}.value", shared["seqlens_k"],
+               shared["total"], "", "", "", m["mask"]]
+        attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                      scale=float(cfg.query_pre_attn_scalar) ** -0.5)
         if cfg.attn_logit_softcapping:
             attrs["softcap"] = float(cfg.attn_logit_softcapping)
-        node = helper.make_node("Attention", ins, [m["out"], f"present.{i}.key", f"present.{i}.value"],
-                                name=f"{m['scope']}Attention", **attrs)
-        ensure_opset(g.proto, "", ATTENTION_OPSET)
+        node = helper.make_node("GroupQueryAttention", ins, [m["out"], f"present.{i}.key", f"present.{i}.value"],
+                                name=f"{m['scope']}GroupQueryAttention", domain=MS_DOMAIN, **attrs)
         g.replace(m["replaced"], [*pre, node], at=m["at"])  # before _ensure_shared re-lists the nodes
         _ensure_shared(g, cfg, ltype)
         dead_code_elimination(g)
+        if all(n.op_type in ("GroupQueryAttention", "Shape") for x in g.g.input
+               if x.name.startswith("past_key_values.") for n in g.consumers.get(x.name, [])):
+            _share_cache(g, cfg)  # every layer fused: the cache can be read and written in place
 
 
 def _rotary(nodes: list, scope: str, x: str, shared: dict[str, str]) -> str:
-    nodes.append(helper.make_node("RotaryEmbedding", [x, "position_ids", shared["cos"], shared["sin"]],
+    nodes.append(helper.make_node("RotaryEmbedding", [x, shared["index"], shared["cos"], shared["sin"]],
                                   [f"{scope}/out"], name=f"{scope}/RotaryEmbedding", domain=MS_DOMAIN,
                                   interleaved=0))
     return f"{scope}/out"
@@ -201,25 +203,55 @@ def _rope_source(g: Graph, rot: str):
 
 def _shared_names(ltype) -> dict[str, str]:
     p = _SHARED
-    return {"pos": f"{p}/pos2d", "cos": f"{p}/{ltype.value}/cos_cache", "sin": f"{p}/{ltype.value}/sin_cache"}
+    return {"index": f"{p}/rope_index", "cos": f"{p}/{ltype.value}/cos_cache", "sin": f"{p}/{ltype.value}/sin_cache",
+            "seqlens_k": f"{p}/seqlens_k", "total": f"{p}/total_sequence_length"}
+
+
+def _ints(g: Graph, name: str, values: list[int], shape: list[int]) -> str:
+    if name not in g.inits:
+        t = helper.make_tensor(name, TensorProto.INT64, shape, values)
+        g.g.initializer.append(t)
+        g.inits[name] = t
+    return name
 
 
 def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
-    """Graph-level inputs of the RotaryEmbedding nodes, built once at the top of the graph:
-    per layer type cos/sin caches over positions 0..max(position_ids)."""
+    """Graph-level inputs of the fused nodes, built once at the top of the graph:
+      - per layer type, RoPE cos/sin rows for exactly the fed positions ([B*S, D/2], row
+        b*S + s holds position_ids[b, s]) and the index [B, S] RotaryEmbedding reads them
+        by: one row per token, so a step costs the same at any context length;
+      - GroupQueryAttention's lengths: T = attention_mask's width, seqlens_k = T - 1 for
+        every row (left padding is in the bias, so every row fills the same cache slots),
+        total_sequence_length = T."""
     p = _SHARED
     names = _shared_names(ltype)
     new = []
-    if names["pos"] not in g.producer:
-        g.g.initializer.extend([helper.make_tensor(f"{p}/one", TensorProto.INT64, [1], [1]),
-                                helper.make_tensor(f"{p}/one_s", TensorProto.INT64, [], [1]),
-                                helper.make_tensor(f"{p}/zero_s", TensorProto.INT64, [], [0])])
+    if names["index"] not in g.producer:
+        neg1 = _ints(g, f"{p}/minus_one", [-1], [1])
+        one, zero = _ints(g, f"{p}/one_s", [1], []), _ints(g, f"{p}/zero_s", [0], [])
         new += [
-            helper.make_node("ReduceMax", ["position_ids"], [f"{p}/pmax"], name=f"{p}/ReduceMax", keepdims=0),
-            helper.make_node("Add", [f"{p}/pmax", f"{p}/one_s"], [f"{p}/npos"], name=f"{p}/Add_npos"),
-            helper.make_node("Range", [f"{p}/zero_s", f"{p}/npos", f"{p}/one_s"], [f"{p}/pos"], name=f"{p}/Range"),
-            helper.make_node("Cast", [f"{p}/pos"], [f"{p}/posf"], name=f"{p}/Cast_pos", to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", [f"{p}/posf", f"{p}/one"], [names["pos"]], name=f"{p}/Unsqueeze_pos"),
+            helper.make_node("Reshape", ["position_ids", neg1], [f"{p}/pos_flat"], name=f"{p}/Reshape_pos"),
+            helper.make_node("Cast", [f"{p}/pos_flat"], [f"{p}/posf"], name=f"{p}/Cast_pos", to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", [f"{p}/posf", _ints(g, f"{p}/one", [1], [1])], [f"{p}/pos2d"],
+                             name=f"{p}/Unsqueeze_pos"),
+            helper.make_node("Size", ["position_ids"], [f"{p}/n_tokens"], name=f"{p}/Size"),
+            helper.make_node("Range", [zero, f"{p}/n_tokens", one], [f"{p}/token_range"], name=f"{p}/Range"),
+            helper.make_node("Shape", ["position_ids"], [f"{p}/ids_shape"], name=f"{p}/Shape_ids"),
+            helper.make_node("Reshape", [f"{p}/token_range", f"{p}/ids_shape"], [names["index"]],
+                             name=f"{p}/Reshape_index"),
+            # lengths for GroupQueryAttention, from attention_mask [B, T]
+            helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape"], name=f"{p}/Shape_mask"),
+            helper.make_node("Slice", [f"{p}/mask_shape", _ints(g, f"{p}/one", [1], [1]), _ints(g, f"{p}/two", [2], [1])],
+                             [f"{p}/T"], name=f"{p}/Slice_T_lengths"),
+            helper.make_node("Reshape", [f"{p}/T", _ints(g, f"{p}/scalar", [], [0])], [f"{p}/T_s"],
+                             name=f"{p}/Reshape_T"),
+            helper.make_node("Cast", [f"{p}/T_s"], [names["total"]], name=f"{p}/Cast_T", to=TensorProto.INT32),
+            helper.make_node("Sub", [f"{p}/T", _ints(g, f"{p}/one", [1], [1])], [f"{p}/T_minus_1"], name=f"{p}/Sub_T"),
+            helper.make_node("Slice", [f"{p}/mask_shape", _ints(g, f"{p}/zero", [0], [1]), _ints(g, f"{p}/one", [1], [1])],
+                             [f"{p}/B"], name=f"{p}/Slice_B"),
+            helper.make_node("Expand", [f"{p}/T_minus_1", f"{p}/B"], [f"{p}/seqlens_k64"], name=f"{p}/Expand_seqlens"),
+            helper.make_node("Cast", [f"{p}/seqlens_k64"], [names["seqlens_k"]], name=f"{p}/Cast_seqlens",
+                             to=TensorProto.INT32),
         ]
     if names["cos"] not in g.producer:
         t = ltype.value
@@ -229,7 +261,7 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
         inv = (inv.astype(np.float32) / np.float32(cfg.rope_scale_for(ltype))).astype(np.float32)
         g.g.initializer.append(numpy_helper.from_array(inv[None, :], f"{p}/{t}/inv_freq"))
         new += [
-            helper.make_node("Mul", [names["pos"], f"{p}/{t}/inv_freq"], [f"{p}/{t}/freqs"], name=f"{p}/{t}/Mul"),
+            helper.make_node("Mul", [f"{p}/pos2d", f"{p}/{t}/inv_freq"], [f"{p}/{t}/freqs"], name=f"{p}/{t}/Mul"),
             helper.make_node("Cos", [f"{p}/{t}/freqs"], [names["cos"]], name=f"{p}/{t}/Cos"),
             helper.make_node("Sin", [f"{p}/{t}/freqs"], [names["sin"]], name=f"{p}/{t}/Sin"),
         ]
@@ -240,6 +272,54 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
         g.inits = {i.name: i for i in g.g.initializer}
         g.refresh()
     return names
+
+
+def _share_cache(g: Graph, cfg) -> None:
+    """The cache becomes one buffer per tensor, read and written in place: past and
+    present are [B, kv_heads, cache_capacity, D] and the runtime binds present.* to the
+    same memory as past_key_values.*. Whatever else read the past's shape (the traced
+    graph takes the past length and the batch from it) now reads the logical shape
+    [B, kv_heads, T - S, D] instead, which is what it was under the concat contract."""
+    from gemma_export.exporter.export import CAPACITY
+
+    p = _SHARED
+    past = [i.name for i in g.g.input if i.name.startswith("past_key_values.")]
+    readers = [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
+    if readers and f"{p}/past_shape" not in g.producer:
+        one, zero = _ints(g, f"{p}/one", [1], [1]), _ints(g, f"{p}/zero", [0], [1])
+        two = _ints(g, f"{p}/two", [2], [1])
+        new = [
+            helper.make_node("Shape", ["input_ids"], [f"{p}/ids_shape2"], name=f"{p}/Shape_ids2"),
+            helper.make_node("Slice", [f"{p}/ids_shape2", zero, one], [f"{p}/B_ids"], name=f"{p}/Slice_B_ids"),
+            helper.make_node("Slice", [f"{p}/ids_shape2", one, two], [f"{p}/S"], name=f"{p}/Slice_S"),
+            helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape2"], name=f"{p}/Shape_mask2"),
+            helper.make_node("Slice", [f"{p}/mask_shape2", one, two], [f"{p}/T1"], name=f"{p}/Slice_T"),
+            helper.make_node("Sub", [f"{p}/T1", f"{p}/S"], [f"{p}/P"], name=f"{p}/Sub_P"),
+            helper.make_node("Concat", [f"{p}/B_ids", _ints(g, f"{p}/kv_heads", [cfg.num_key_value_heads], [1]),
+                                        f"{p}/P", _ints(g, f"{p}/head_dim", [cfg.head_dim], [1])],
+                             [f"{p}/past_shape"], name=f"{p}/Concat_past_shape", axis=0),
+        ]
+        nodes = new + list(g.g.node)
+        del g.g.node[:]
+        g.g.node.extend(nodes)  # copies: find the readers again in the new list
+        g.refresh()
+        readers = [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
+    for n in readers:
+        if n.op_type != "Shape":
+            raise ValueError(f"{n.name}: reads the past cache as {n.op_type}, not Shape; cannot share the cache")
+        a = {x.name: x.i for x in n.attribute}
+        start, end = a.get("start", 0), a.get("end", 4)
+        n.op_type = "Slice"
+        del n.attribute[:]
+        del n.input[:]
+        n.input.extend([f"{p}/past_shape", _ints(g, f"{p}/s{start}", [start], [1]), _ints(g, f"{p}/e{end}", [end], [1])])
+    for vi in [*g.g.input, *g.g.output]:
+        if vi.name.startswith(("past_key_values.", "present.")):
+            d = vi.type.tensor_type.shape.dim[2]
+            d.Clear()
+            d.dim_param = CAPACITY
+    g.inits = {i.name: i for i in g.g.initializer}
+    g.refresh()
 
 
 def dead_code_elimination(g: Graph) -> int:
