@@ -121,7 +121,10 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
         # says so, and the contract-exact graph from just before the attention fusion ships
         # beside it, reading the same weights file.
         onnx.save(fill_from(portable[0], proto), str(dst / PORTABLE_MODEL_FILE))
-        extra.update(kv_cache="shared", io=io_spec(cfg, kv_cache="shared"), portable_model_file=PORTABLE_MODEL_FILE)
+        # CUDA runs the contract-exact graph: the shared-buffer GroupQueryAttention with an
+        # attention_bias is verified on ONNX Runtime's CPU provider only.
+        extra.update(kv_cache="shared", io=io_spec(cfg, kv_cache="shared"), portable_model_file=PORTABLE_MODEL_FILE,
+                     provider_model_files={"cuda": PORTABLE_MODEL_FILE})
     if isinstance(recipe, narrow.NarrowRecipe):
         # The same weights file, read by the graph that computes on CPU what CUDA computes.
         onnx.save(narrow.cpu_fallback_graph(proto), str(dst / narrow.CPU_MODEL_FILE))
