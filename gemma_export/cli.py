@@ -82,6 +82,10 @@ GptqOpt = Annotated[
                  "to nearest (defaults: int8 RTN, int4 GPTQ).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")]
+PortableOpt = Annotated[
+    bool, typer.Option("--portable", help="Run the artifact's contract-exact graph (int8/int4/gguf: "
+                       "model.portable.onnx) instead of the fused one.")
+]
 
 
 def _check_steps(steps: int) -> None:
@@ -205,6 +209,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat turn format.")] = False,
     provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    portable: PortableOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no streaming.")] = False,
 ) -> None:
     """Generate text with an exported artifact on ONNX Runtime (streams for one prompt)."""
@@ -220,7 +225,7 @@ def generate(
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
     )
     cfg.validate()
-    gen = load_generator(artifact, provider=prov, threads=threads)
+    gen = load_generator(artifact, provider=prov, threads=threads, portable=portable)
     if not json_out:
         typer.echo(f"provider: {gen.session.provider.value}", err=True)
     stream = not json_out and len(prompts) == 1
@@ -258,6 +263,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = 2,
     provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "cpu",
     repeats: Annotated[int, typer.Option(help="Timed runs after one warm-up; the median is reported.")] = 3,
+    portable: PortableOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Time prefill and decode of an artifact at batch 1 (see benchmarks/ for peers side by side)."""
@@ -266,7 +272,7 @@ def bench(
 
     prov = _choice(Provider, provider, "--provider")
     res = bench_artifact(artifact, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
-                         provider=prov, repeats=repeats)
+                         provider=prov, repeats=repeats, portable=portable)
     text = (
         f"{res['precision']} on {res['provider']} ({threads} threads): prefill {res['prompt_tokens']} tokens "
         f"{res['prefill_seconds'] * 1000:.0f} ms, decode {res['decode_tokens_per_second']:.1f} tok/s, "

@@ -305,3 +305,21 @@ def test_debug_variable_reraises_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA_EXPORT_DEBUG", "1")
     with pytest.raises(ArtifactError):
         main(["verify", str(tmp_path)])
+
+
+def test_portable_graph_of_an_integer_artifact(artifact, tmp_path, capsys):
+    """int8 artifacts carry the contract-exact graph beside the fused one; --portable runs
+    it (bench reports which graph ran); an artifact without one says so in one line."""
+    q = tmp_path / "int8"
+    rc, _, err = run_main(["quantize", str(artifact), "--precision", "int8", "--out", str(q), "--no-verify", "--json"])
+    assert rc == 0, err
+    for extra, graph in (([], "model.onnx"), (["--portable"], "model.portable.onnx")):
+        rc = main(["bench", str(q), "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--json", *extra])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert json.loads(out)["graph"] == graph
+    rc = main(["generate", str(q), "Hello", "--portable", "--max-new-tokens", "3", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["results"][0]["new_tokens"] <= 3, err
+    rc = main(["generate", str(artifact), "Hello", "--portable"])
+    error_line(rc, *capsys.readouterr(), 1, "--portable", "no portable graph")

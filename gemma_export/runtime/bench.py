@@ -39,10 +39,11 @@ def bench_artifact(
     threads: int | None = 2,
     provider: str = "cpu",
     repeats: int = 3,
+    portable: bool = False,
 ) -> dict[str, Any]:
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise RuntimeConfigError("--prompt-tokens, --new-tokens and --repeats must be >= 1")
-    gen = load_generator(artifact, provider=provider, threads=threads)
+    gen = load_generator(artifact, provider=provider, threads=threads, portable=portable)
     sess = gen.session
     if prompt_tokens + new_tokens > sess.max_length:
         raise RuntimeConfigError(f"prompt + new tokens exceed the context of {sess.max_length}")
@@ -50,7 +51,7 @@ def bench_artifact(
     prefills, decodes, tokens = [], [], None
     for r in range(repeats + 1):  # run 0 warms up (allocations, kernels' first touch)
         t0 = time.perf_counter()
-        state = prefill(sess, [ids])
+        state = prefill(sess, [ids], capacity=prompt_tokens + new_tokens)
         t1 = time.perf_counter()
         out = []
         for _ in range(new_tokens):
@@ -66,6 +67,7 @@ def bench_artifact(
         "artifact": str(artifact),
         "precision": sess.manifest["precision"],
         "provider": sess.provider.value,
+        "graph": sess.model_path.name,
         "threads": threads,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

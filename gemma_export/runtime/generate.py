@@ -290,13 +290,13 @@ class Generator:
         return generate_text(self.session, self.tokenizer, prompts, cfg, chat=chat, on_text=on_text)
 
 
-def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None) -> Generator:
+def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None, portable: bool = False) -> Generator:
     from pathlib import Path
 
     from gemma_export.errors import ArtifactError
     from gemma_export.runtime.tokenizer import Tokenizer
 
-    sess = DecoderSession(artifact_dir, provider=provider, threads=threads)
+    sess = DecoderSession(artifact_dir, provider=provider, threads=threads, portable=portable)
     name = sess.manifest.get("tokenizer")
     if not name:
         raise ArtifactError(f"{artifact_dir}: artifact has no tokenizer.model, so it cannot generate text")

@@ -51,16 +51,25 @@ def cuda_available() -> bool:
 
 
 @dataclass
+class _Chain:
+    """What the caches of one shared-layout chain (the same buffers) have in common: the
+    positions written so far, and the IO binding that keeps the buffers bound."""
+
+    filled: int = 0
+    binding: Any = None
+
+
+@dataclass
 class KVCache:
     """The KV cache of one batch: `values` (past_key_values.* order) hold `length`
     positions. A shared-layout cache is advanced in place, so only the newest cache of a
-    chain may be fed to the next step; `_filled` (shared by the chain) catches reuse of an
-    older one, which would otherwise overwrite positions the newer one relies on."""
+    chain may be fed to the next step; `_chain.filled` catches reuse of an older one,
+    which would otherwise overwrite positions the newer one relies on."""
 
     values: list
     length: int
     batch: int
-    _filled: list = field(default_factory=lambda: [0], repr=False)
+    _chain: _Chain = field(default_factory=_Chain, repr=False)
 
 
 class DecoderSession:
@@ -172,32 +181,60 @@ class DecoderSession:
         if attention_mask.shape[1] != total:
             raise RuntimeConfigError(f"attention_mask covers {attention_mask.shape[1]} positions; the cache holds "
                                      f"{cache.length} and {input_ids.shape[1]} are fed")
+        if not self.shared_cache:
+            binding = self._step_binding(input_ids, attention_mask, position_ids, last_only)
+            for name, v in zip(self.past_names, cache.values):
+                binding.bind_ortvalue_input(name, v)
+            for name in self.present_names:
+                binding.bind_output(name, self.device)
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            return outputs[0].numpy(), KVCache(list(outputs[1:]), total, cache.batch)
+        chain = cache._chain
+        if chain.filled != cache.length:
+            raise RuntimeConfigError("this cache was advanced by a later step; continue from the newest cache")
+        values = self._room(cache, total)
+        if values is not cache.values:
+            chain = _Chain()
+        if self.device != "cpu":
+            binding = self._step_binding(input_ids, attention_mask, position_ids, last_only)
+            self._bind_cache(binding, values)
+            self.session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+        else:
+            # The buffers stay bound from step to step: only the step's own inputs and a
+            # fresh host array for the logits are bound anew.
+            if chain.binding is None:
+                chain.binding = self.session.io_binding()
+                self._bind_cache(chain.binding, values)
+            binding = chain.binding
+            self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
+            rows = 1 if last_only and self.keeps_logits else input_ids.shape[1]
+            logits = np.empty((input_ids.shape[0], rows, self.vocab_size), np.float32)
+            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self.session.run_with_iobinding(binding)
+        chain.filled = total
+        return logits, KVCache(values, total, cache.batch, chain)
+
+    def _step_binding(self, input_ids, attention_mask, position_ids, last_only) -> ort.IOBinding:
+        """A new binding with the step's inputs and the logits output (bound first)."""
         binding = self.session.io_binding()
+        self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
+        binding.bind_output("logits", self.device)
+        return binding
+
+    def _bind_inputs(self, binding, input_ids, attention_mask, position_ids, last_only) -> None:
         ints = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         for name, v in ints.items():
             binding.bind_ortvalue_input(name, self._to_device(v.astype(np.int64, copy=False)))
-        if last_only and self.keeps_logits:
-            binding.bind_ortvalue_input(KEEP_INPUT, ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))
-        binding.bind_output("logits", self.device)
-        if self.shared_cache:
-            if cache._filled[0] != cache.length:
-                raise RuntimeConfigError("this cache was advanced by a later step; continue from the newest cache")
-            values = self._room(cache, total)
-            for past, present, v in zip(self.past_names, self.present_names, values):
-                binding.bind_ortvalue_input(past, v)
-                binding.bind_ortvalue_output(present, v)
-            self.session.run_with_iobinding(binding)
-            logits = binding.get_outputs()[0].numpy()
-            filled = cache._filled if values is cache.values else [0]
-            filled[0] = total
-            return logits, KVCache(values, total, cache.batch, filled)
-        for name, v in zip(self.past_names, cache.values):
-            binding.bind_ortvalue_input(name, v)
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy(), KVCache(list(outputs[1:]), total, cache.batch)
+        if self.keeps_logits:  # bound every step: a reused binding must not keep the last value
+            keep = np.array(1 if last_only else 0, np.int64)
+            binding.bind_ortvalue_input(KEEP_INPUT, ort.OrtValue.ortvalue_from_numpy(keep))
+
+    def _bind_cache(self, binding, values) -> None:
+        for past, present, v in zip(self.past_names, self.present_names, values):
+            binding.bind_ortvalue_input(past, v)
+            binding.bind_ortvalue_output(present, v)
 
     def cache_length(self, cache: KVCache) -> int:
         return cache.length

@@ -1,33 +1,39 @@
-"""A layer's attention -> RotaryEmbedding x2 (com.microsoft) + one ONNX Attention (opset 23).
+"""A layer's attention -> RotaryEmbedding x2 + one GroupQueryAttention (com.microsoft), on
+a KV cache the graph writes in place.
 
     q, k, v (the projections' outputs, [B, S, heads*D])
       ─ Reshape/Transpose ─ [q_norm, k_norm] ─ RoPE ─ Concat(past) ─ scale ─ QK^T
       ─ [softcap] ─ + mask ─ Softmax ─ ·V ─ Transpose/Reshape ─ o_proj
   ->
-    q, k ─ [per-head SimplifiedLayerNormalization] ─ RotaryEmbedding(position_ids, cos, sin)
-    Attention(q, k, v, attn_mask=mask, past_key, past_value,
-              q_num_heads, kv_num_heads, scale, softcap) -> out, present_key, present_value
+    q, k ─ [per-head SimplifiedLayerNormalization] ─ RotaryEmbedding(index, cos, sin)
+    GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
+                        attention_bias=mask; num_heads, kv_num_heads, scale, softcap)
+      -> out, present_key, present_value
 
 About 45 nodes per layer become three (six with QK-norm). Exactness, left padding included:
   - the additive mask the graph already builds from attention_mask (causal by cache index,
-    sliding window, left padding) goes in as attn_mask, and is the only mask: Attention
-    is not told is_causal, and has no notion of sequence lengths to get wrong;
-  - RoPE is RotaryEmbedding on the explicit position_ids (left-padded rows start at 0);
-    its cos/sin caches are computed once per step for each layer type, in fp32 from the
-    same inverse frequencies as models/gemma.py;
+    sliding window, left padding) goes in as attention_bias; seqlens_k = T - 1 for every
+    row (T = attention_mask's width) and total_sequence_length = T, so every row writes
+    the same cache slots [T - S, T) and GQA's own causal mask (by cache index) agrees
+    with the bias; no local_window_size, the bias carries the window;
+  - RoPE is RotaryEmbedding on the explicit position_ids (left-padded rows start at 0):
+    GQA's internal rotary takes one start position per row in a first prompt, which left
+    padding breaks. Its cos/sin rows are computed per step for exactly the fed positions,
+    in fp32 from the same inverse frequencies as models/gemma.py;
   - scale = query_pre_attn_scalar^-0.5, softcap = Gemma 2's attention softcap. ONNX
-    Runtime 1.32 caps the scores before adding the mask, as Gemma 2 does (a test checks
-    it: masked keys get weight 0 even when every visible score is far below -softcap).
-    Earlier releases that added the mask first leave a masked score at -softcap (-50):
-    a weight under fp32's resolution unless the largest visible score is below -33;
-  - QK-norm stays a SimplifiedLayerNormalization per head in front of Attention.
-Why ONNX's Attention and not com.microsoft's GroupQueryAttention: on ONNX Runtime 1.32's
-CPU provider it measured 9-15% faster per decode call at the 270M's shapes
-(benchmarks/attention_ops.py; 2-4% of the whole int4 decode step), and is exact with
-left padding without GQA's workarounds (seqlens_k = total - 1 for every row; GQA's
-rotary reads decode positions from seqlens_k).
-The I/O contract is unchanged (present is [B, kv_heads, total, D], as past); the graph's
-default-domain opset goes to 23.
+    Runtime 1.32's GQA caps the scores before adding the bias, as Gemma 2 does (a test
+    checks it: masked keys get weight 0 even when every visible score is near -softcap);
+  - QK-norm stays a SimplifiedLayerNormalization per head in front of the rotary.
+Once every layer is fused, the cache becomes shared (`_share_cache`): past and present are
+one buffer of `cache_capacity` positions per tensor, bound by the runtime to the same
+memory, so a step copies nothing but the new positions. That is the I/O contract's
+shared variant (exporter.export.io_spec(kv_cache="shared")); the pipeline ships the graph
+from before this rule beside it as model.portable.onnx. Until every layer is fused the
+concat contract holds (GQA with past of P positions and present of P + S is exact too).
+Why GQA on a shared buffer: benchmarks/attention_ops.py (18 layers at the 270M's shapes,
+ORT 1.32 CPU): 514 us per step at past 192 and 2.07 ms at 1024, against 665 us / 3.58 ms
+for ONNX's Attention (opset 23, which this rule emitted before) and 685 us / 3.67 ms for
+GQA with the concat contract.
 
 Needs the model's config (head counts, RoPE bases per layer type), so optimize_graph runs
 it only when given one.
