@@ -292,20 +292,19 @@ def _share_cache(g: Graph, cfg) -> None:
     past = [i.name for i in g.g.input if i.name.startswith("past_key_values.")]
     readers = [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
     if readers and f"{p}/past_shape" not in g.producer:
-        one, zero = _ints(g, f"{p}/one", [1], [1]), _ints(g, f"{p}/zero", [0], [1])
-        two = _ints(g, f"{p}/two", [2], [1])
+        # B, T and [B, S] (position_ids' shape) come from _ensure_shared's nodes
         new = [
-            helper.make_node("Shape", ["input_ids"], [f"{p}/ids_shape2"], name=f"{p}/Shape_ids2"),
-            helper.make_node("Slice", [f"{p}/ids_shape2", zero, one], [f"{p}/B_ids"], name=f"{p}/Slice_B_ids"),
-            helper.make_node("Slice", [f"{p}/ids_shape2", one, two], [f"{p}/S"], name=f"{p}/Slice_S"),
-            helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape2"], name=f"{p}/Shape_mask2"),
-            helper.make_node("Slice", [f"{p}/mask_shape2", one, two], [f"{p}/T1"], name=f"{p}/Slice_T"),
-            helper.make_node("Sub", [f"{p}/T1", f"{p}/S"], [f"{p}/P"], name=f"{p}/Sub_P"),
-            helper.make_node("Concat", [f"{p}/B_ids", _ints(g, f"{p}/kv_heads", [cfg.num_key_value_heads], [1]),
+            helper.make_node("Slice", [f"{p}/ids_shape", _ints(g, f"{p}/one", [1], [1]), _ints(g, f"{p}/two", [2], [1])],
+                             [f"{p}/S"], name=f"{p}/Slice_S"),
+            helper.make_node("Sub", [f"{p}/T", f"{p}/S"], [f"{p}/P"], name=f"{p}/Sub_P"),
+            helper.make_node("Concat", [f"{p}/B", _ints(g, f"{p}/kv_heads", [cfg.num_key_value_heads], [1]),
                                         f"{p}/P", _ints(g, f"{p}/head_dim", [cfg.head_dim], [1])],
                              [f"{p}/past_shape"], name=f"{p}/Concat_past_shape", axis=0),
         ]
-        nodes = new + list(g.g.node)
+        # after _ensure_shared's block (which feeds them), before every reader (which follow it)
+        nodes = list(g.g.node)
+        at = nodes.index(g.producer[f"{p}/B"]) + 1
+        nodes[at:at] = new
         del g.g.node[:]
         g.g.node.extend(nodes)  # copies: find the readers again in the new list
         g.refresh()
