@@ -84,7 +84,7 @@ GptqOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object; no progress.")]
 PortableOpt = Annotated[
     bool, typer.Option("--portable", help="Run the artifact's contract-exact graph (int8/int4/gguf: "
-                       "model.portable.onnx) instead of the fused one.")
+                       "model.portable.onnx, not the fused in-place-cache graph; other artifacts: model.onnx).")
 ]
 
 

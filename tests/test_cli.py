@@ -309,7 +309,7 @@ def test_debug_variable_reraises_in_process(tmp_path, monkeypatch):
 
 def test_portable_graph_of_an_integer_artifact(artifact, tmp_path, capsys):
     """int8 artifacts carry the contract-exact graph beside the fused one; --portable runs
-    it (bench reports which graph ran); an artifact without one says so in one line."""
+    it (bench reports which graph ran); an fp32 artifact's model.onnx is that graph already."""
     q = tmp_path / "int8"
     rc, _, err = run_main(["quantize", str(artifact), "--precision", "int8", "--out", str(q), "--no-verify", "--json"])
     assert rc == 0, err
@@ -321,5 +321,7 @@ def test_portable_graph_of_an_integer_artifact(artifact, tmp_path, capsys):
     rc = main(["generate", str(q), "Hello", "--portable", "--max-new-tokens", "3", "--json"])
     out, err = capsys.readouterr()
     assert rc == 0 and json.loads(out)["results"][0]["new_tokens"] <= 3, err
-    rc = main(["generate", str(artifact), "Hello", "--portable"])
-    error_line(rc, *capsys.readouterr(), 1, "--portable", "no portable graph")
+    rc = main(["bench", str(artifact), "--prompt-tokens", "8", "--new-tokens", "2", "--repeats", "1", "--json",
+               "--portable"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["graph"] == "model.onnx", err

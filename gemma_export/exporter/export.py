@@ -7,7 +7,7 @@ control flow is baked in silently, and every dim we mark stays symbolic, past le
 included). The graph uses plain ONNX ops at opset 18, which every ONNX Runtime since
 1.14 and other ONNX consumers run, and which keeps sliding windows, soft-capping and
 left padding exactly as models/gemma.py writes them. Fusions for ONNX Runtime
-(SimplifiedLayerNormalization, RotaryEmbedding, opset-23 Attention, ...) are rewrites
+(SimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention, ...) are rewrites
 on top of this graph (exporter/optimize.py), never a different trace.
 
 After tracing, three rewrites make the graph match DESIGN.md's contract:

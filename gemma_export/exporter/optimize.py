@@ -5,13 +5,19 @@ a candidate did not match, rewrite).
     optimize_graph(proto) -> {"rms_norm": 37, "skip_rms_norm": 24, "gelu_tanh": 6}
 
 Order matters: skip_rms_norm fuses the residual Add into norms that rms_norm made.
-The rewritten graph keeps the I/O contract; it uses ONNX Runtime's contrib ops, so the
-manifest lists them and `--no-optimize` keeps the portable plain-op graph.
+The rewritten graph keeps the I/O contract, except that the attention fusion (integer
+recipes) moves the KV cache to shared buffers (io_spec's "shared" variant; the pipeline
+ships the graph from before it as model.portable.onnx). It uses ONNX Runtime's contrib ops,
+so the manifest lists them, and `--no-optimize` keeps the portable plain-op graph.
 """
 
 from __future__ import annotations
 
+import sys
+
 import onnx
+
+from gemma_export.errors import ArtifactError
 from gemma_export.exporter.rewrites import Graph, Rule, ensure_ms_opset
 from gemma_export.exporter.rewrites.attention import AttentionRule
 from gemma_export.exporter.rewrites.pack_projections import PackProjectionsRule
@@ -78,10 +84,10 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     for field in ("node", "input", "output", "value_info"):
         getattr(s.graph, field).extend(getattr(proto.graph, field))
     for t in proto.graph.initializer:
-        if _nbytes(t) <= SMALL:
-            s.graph.initializer.append(t)
-        else:
+        if _goes_external(t):
             s.graph.initializer.add(name=t.name)  # placeholder: filled from the saved fused graph
+        else:
+            s.graph.initializer.append(t)
     return s
 
 
@@ -93,12 +99,15 @@ def fill_from(skel: onnx.ModelProto, saved: onnx.ModelProto) -> onnx.ModelProto:
         if not t.HasField("data_type"):
             src = by_name.get(t.name)
             if src is None or src.data_location != onnx.TensorProto.EXTERNAL:
-                raise ValueError(f"{t.name}: not in the saved graph's weights file")
+                raise ArtifactError(f"{t.name}: the fused graph's weights file does not hold it; "
+                                    "cannot write the portable graph")
             t.CopyFrom(src)
     return skel
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
+def _goes_external(t: onnx.TensorProto) -> bool:
+    """What onnx.save(..., save_as_external_data=True, size_threshold=SMALL) moves to the
+    weights file (onnx.external_data_helper's own test), or what is there already."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
-        return SMALL + 1
-    return len(t.raw_data) or t.ByteSize()
+        return True
+    return t.HasField("raw_data") and sys.getsizeof(t.raw_data) >= SMALL

@@ -120,10 +120,8 @@ class DecoderSession:
         # A graph per provider where the artifact has one (fp16/bf16: model.cpu.onnx); the
         # contract-exact sibling of a fused integer graph on request.
         own = self.manifest.get("provider_model_files", {}).get("cuda" if use_cuda else "cpu")
-        if portable:
-            own = self.manifest.get("portable_model_file")
-            if own is None:
-                raise RuntimeConfigError(f"--portable: {self.dir} has no portable graph (its model.onnx is the only one)")
+        if portable and self.manifest.get("portable_model_file"):
+            own = self.manifest["portable_model_file"]  # elsewhere model.onnx keeps the contract already
         self.model_path = model_path = self.dir / (own or self.manifest["model_file"])
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
@@ -156,7 +154,7 @@ class DecoderSession:
         capacity = cache.values[0].shape()[2]
         if needed <= capacity:
             return cache.values
-        grown = max(needed, 2 * capacity)
+        grown = max(needed, min(2 * capacity, self.max_length))
         out = []
         for v in cache.values:
             a = np.zeros((cache.batch, self.kv_heads, grown, self.head_dim), dtype=self.kv_dtype)
@@ -182,59 +180,64 @@ class DecoderSession:
             raise RuntimeConfigError(f"attention_mask covers {attention_mask.shape[1]} positions; the cache holds "
                                      f"{cache.length} and {input_ids.shape[1]} are fed")
         if not self.shared_cache:
-            binding = self._step_binding(input_ids, attention_mask, position_ids, last_only)
+            binding = self.session.io_binding()
+            held = self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
+            binding.bind_output("logits", self.device)  # first: outputs[0]
             for name, v in zip(self.past_names, cache.values):
                 binding.bind_ortvalue_input(name, v)
             for name in self.present_names:
                 binding.bind_output(name, self.device)
             self.session.run_with_iobinding(binding)
+            del held
             outputs = binding.get_outputs()
             return outputs[0].numpy(), KVCache(list(outputs[1:]), total, cache.batch)
+        if cache.length and input_ids.shape[0] > 1 and input_ids.shape[1] > 1:
+            # GroupQueryAttention takes several new tokens onto a filled cache only at batch
+            # 1; a batch feeds them one position at a time (the same numbers).
+            return self._one_at_a_time(input_ids, attention_mask, position_ids, cache, last_only)
         chain = cache._chain
         if chain.filled != cache.length:
             raise RuntimeConfigError("this cache was advanced by a later step; continue from the newest cache")
         values = self._room(cache, total)
         if values is not cache.values:
             chain = _Chain()
-        if self.device != "cpu":
-            binding = self._step_binding(input_ids, attention_mask, position_ids, last_only)
-            self._bind_cache(binding, values)
-            self.session.run_with_iobinding(binding)
-            logits = binding.get_outputs()[0].numpy()
-        else:
-            # The buffers stay bound from step to step: only the step's own inputs and a
-            # fresh host array for the logits are bound anew.
-            if chain.binding is None:
-                chain.binding = self.session.io_binding()
-                self._bind_cache(chain.binding, values)
-            binding = chain.binding
-            self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
-            rows = 1 if last_only and self.keeps_logits else input_ids.shape[1]
-            logits = np.empty((input_ids.shape[0], rows, self.vocab_size), np.float32)
-            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            self.session.run_with_iobinding(binding)
+        # The buffers stay bound from step to step: only the step's own inputs and a fresh
+        # host array for the logits are bound anew.
+        if chain.binding is None:
+            chain.binding = self.session.io_binding()
+            for past, present, v in zip(self.past_names, self.present_names, values):
+                chain.binding.bind_ortvalue_input(past, v)
+                chain.binding.bind_ortvalue_output(present, v)
+        binding = chain.binding
+        held = self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
+        rows = 1 if last_only and self.keeps_logits else input_ids.shape[1]
+        logits = np.empty((input_ids.shape[0], rows, self.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        del held
         chain.filled = total
         return logits, KVCache(values, total, cache.batch, chain)
 
-    def _step_binding(self, input_ids, attention_mask, position_ids, last_only) -> ort.IOBinding:
-        """A new binding with the step's inputs and the logits output (bound first)."""
-        binding = self.session.io_binding()
-        self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
-        binding.bind_output("logits", self.device)
-        return binding
+    def _one_at_a_time(self, input_ids, attention_mask, position_ids, cache, last_only):
+        rows = []
+        for j in range(input_ids.shape[1]):
+            width = cache.length + 1
+            logits, cache = self.forward(input_ids[:, j:j + 1], attention_mask[:, :width], position_ids[:, j:j + 1],
+                                         cache)
+            rows.append(logits)
+        return (rows[-1] if last_only and self.keeps_logits else np.concatenate(rows, axis=1)), cache
 
-    def _bind_inputs(self, binding, input_ids, attention_mask, position_ids, last_only) -> None:
+    def _bind_inputs(self, binding, input_ids, attention_mask, position_ids, last_only) -> list:
+        """Bind the step's own inputs; returns their OrtValues, which must outlive the run
+        (on CPU they wrap the numpy memory, and a binding holds only the C value)."""
         ints = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for name, v in ints.items():
-            binding.bind_ortvalue_input(name, self._to_device(v.astype(np.int64, copy=False)))
+        held = [(name, self._to_device(v.astype(np.int64, copy=False))) for name, v in ints.items()]
         if self.keeps_logits:  # bound every step: a reused binding must not keep the last value
             keep = np.array(1 if last_only else 0, np.int64)
-            binding.bind_ortvalue_input(KEEP_INPUT, ort.OrtValue.ortvalue_from_numpy(keep))
-
-    def _bind_cache(self, binding, values) -> None:
-        for past, present, v in zip(self.past_names, self.present_names, values):
-            binding.bind_ortvalue_input(past, v)
-            binding.bind_ortvalue_output(present, v)
+            held.append((KEEP_INPUT, ort.OrtValue.ortvalue_from_numpy(keep)))
+        for name, v in held:
+            binding.bind_ortvalue_input(name, v)
+        return held
 
     def cache_length(self, cache: KVCache) -> int:
         return cache.length

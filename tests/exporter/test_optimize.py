@@ -145,6 +145,10 @@ def test_attention_rule(plain, tmp_path, name):
     kv = [v for v in [*proto.graph.input, *proto.graph.output] if v.name.startswith(("past_key_values.", "present."))]
     assert len(kv) == 4 * cfg.num_hidden_layers
     assert {v.type.tensor_type.shape.dim[2].dim_param for v in kv} == {"cache_capacity"}
+    known = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer} | {""}
+    for n in proto.graph.node:  # topologically sorted, as ONNX requires
+        assert set(n.input) <= known, (n.name, set(n.input) - known)
+        known |= set(n.output)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     fused = _with_graph(src, tmp_path / "fused", proto)

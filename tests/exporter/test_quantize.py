@@ -22,7 +22,7 @@ from gemma_export.exporter.quantize import (
     quantize_blocks,
     unpack,
 )
-from gemma_export.exporter.verify import onnx_teacher_forced, torch_greedy
+from gemma_export.exporter.verify import onnx_ragged_batch, onnx_teacher_forced, torch_greedy
 from gemma_export.models.load import load_model
 from gemma_export.runtime.session import DecoderSession
 
@@ -97,24 +97,18 @@ def test_recipe_computes_its_dequantized_weights(tiny_artifacts, tmp_path, name,
     assert sum(1 for i in proto.graph.initializer if i.name == "model.embed_tokens.qweight") == 1
 
 
-def _ragged_run(sess, vocab, steps=5):
-    """Logits of a left-padded batch of 3 (lengths 17, 9, 3) through prefill and decode."""
-    rng = np.random.default_rng(3)
-    lens, width = [17, 9, 3], 17
-    ids, mask = np.zeros((3, width), np.int64), np.zeros((3, width), np.int64)
-    for b, n in enumerate(lens):
-        ids[b, width - n:] = [2] + rng.integers(4, vocab, n - 1).tolist()
-        mask[b, width - n:] = 1
+def _several_at_once(sess, vocab):
+    """A left-padded batch of 2, then 3 new tokens in one call onto the filled cache."""
+    rng = np.random.default_rng(4)
+    ids = np.array([[0, 0, 2] + rng.integers(4, vocab, 4).tolist(), [2] + rng.integers(4, vocab, 6).tolist()])
+    mask = (ids != 0).astype(np.int64)
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(3))
-    rows = [logits[mask.astype(bool)]]
-    for _ in range(steps):
-        ids = rng.integers(4, vocab, (3, 1))
-        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], 1)
-        pos = pos[:, -1:] + 1
-        logits, cache = sess.forward(ids, mask, pos, cache)
-        rows.append(logits[:, -1])
-    return np.concatenate(rows)
+    _, cache = sess.forward(ids, mask, pos, sess.new_cache(2))
+    more = rng.integers(4, vocab, (2, 3))
+    logits, cache = sess.forward(more, np.concatenate([mask, np.ones((2, 3), np.int64)], 1), pos[:, -1:] + [1, 2, 3],
+                                 cache)
+    assert sess.cache_length(cache) == 10
+    return logits
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma1", "tiny-gemma2", "tiny-gemma3"])
@@ -153,7 +147,14 @@ def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifact
     assert not inline  # every weight is read from the one data file
     a, b = DecoderSession(out, provider="cpu"), DecoderSession(out, provider="cpu", portable=True)
     assert a.shared_cache and not b.shared_cache
-    got, ref = _ragged_run(a, a.vocab_size), _ragged_run(b, b.vocab_size)
+    rng = np.random.default_rng(3)
+    seqs = [[2] + rng.integers(4, cfg.vocab_size, 22).tolist() for _ in range(3)]
+    got = np.concatenate(onnx_ragged_batch(a, seqs, [17, 9, 3], steps=5))
+    ref = np.concatenate(onnx_ragged_batch(b, seqs, [17, 9, 3], steps=5))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    # several tokens onto a filled cache at batch 2 (GroupQueryAttention takes them one by one)
+    got, ref = _several_at_once(a, cfg.vocab_size), _several_at_once(b, cfg.vocab_size)
+    assert got.shape == ref.shape == (2, 3, cfg.vocab_size)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 

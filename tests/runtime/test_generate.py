@@ -53,6 +53,7 @@ def test_loop_max_new_tokens_and_left_padding():
     res = generate_ids(m, [[2, 5, 6, 7], [2, 20]], SamplingConfig(max_new_tokens=3))
     assert res.tokens == [[8, 9, 10], [21, 22, 23]]
     assert res.finish_reasons == ["length", "length"]
+    assert m.capacity == 4 + 3  # the cache is asked for room for the prompt and every new token
     ids, mask, pos = m.calls[0]
     assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert pos.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]

@@ -159,12 +159,8 @@ def _rotary(nodes: list, scope: str, x: str, shared: dict[str, str]) -> str:
 
 
 def _head_norm(g: Graph, nodes: list, scope: str, x: str, weight: str, eps: float, head_dim: int) -> str:
-    heads, flat = f"{_SHARED}/heads_shape", f"{_SHARED}/flat_shape"
-    if heads not in g.inits:
-        for name, v in ((heads, [0, 0, -1, head_dim]), (flat, [0, 0, -1])):
-            t = helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
-            g.g.initializer.append(t)
-            g.inits[name] = t
+    heads = _ints(g, f"{_SHARED}/heads_shape", [0, 0, -1, head_dim], [4])
+    flat = _ints(g, f"{_SHARED}/flat_shape", [0, 0, -1], [3])
     nodes += [
         helper.make_node("Reshape", [x, heads], [f"{scope}/heads"], name=f"{scope}/Reshape"),
         helper.make_node("SimplifiedLayerNormalization", [f"{scope}/heads", weight], [f"{scope}/normed"],
@@ -272,7 +268,11 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
             helper.make_node("Sin", [f"{p}/{t}/freqs"], [names["sin"]], name=f"{p}/{t}/Sin"),
         ]
     if new:
-        nodes = new + list(g.g.node)
+        # At the top of the graph; a second layer type's cos/sin go right after the position
+        # block they read, so the node list stays topologically sorted.
+        nodes = list(g.g.node)
+        at = nodes.index(g.producer[f"{p}/pos2d"]) + 1 if f"{p}/pos2d" in g.producer else 0
+        nodes[at:at] = new
         del g.g.node[:]
         g.g.node.extend(nodes)
         g.inits = {i.name: i for i in g.g.initializer}
@@ -309,6 +309,9 @@ def _share_cache(g: Graph, cfg) -> None:
         g.g.node.extend(nodes)  # copies: find the readers again in the new list
         g.refresh()
         readers = [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
+    present = [o.name for o in g.g.output if o.name.startswith("present.")]
+    if any(g.consumers.get(name) for name in present):
+        raise ValueError("a node reads present.*: it would see the whole buffer; cannot share the cache")
     for n in readers:
         if n.op_type != "Shape":
             raise ValueError(f"{n.name}: reads the past cache as {n.op_type}, not Shape; cannot share the cache")
