@@ -59,13 +59,12 @@ def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES, cfg=
     counts = {}
     for rule in (*rules, *extra):
         counts[rule.name], _ = apply_rule(g, rule)
+    ensure_ms_opset(proto)  # before the skeleton, which uses the contrib ops too
     if cfg is not None:
-        ensure_ms_opset(proto)
         if portable is not None:
             portable.append(skeleton(proto))
         rule = AttentionRule(cfg)
         counts[rule.name], _ = apply_rule(g, rule)
-    ensure_ms_opset(proto)
     return counts
 
 

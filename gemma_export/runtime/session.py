@@ -68,7 +68,6 @@ class KVCache:
 
     values: list
     length: int
-    batch: int
     _chain: _Chain = field(default_factory=_Chain, repr=False)
 
 
@@ -140,24 +139,22 @@ class DecoderSession:
     def new_cache(self, batch: int, capacity: int = 0) -> KVCache:
         """An empty cache (length 0) on the session's device. `capacity`: positions a
         shared-layout cache reserves up front (it grows on demand either way)."""
-        return KVCache([self._zeros(batch, 0 if not self.shared_cache else capacity) for _ in self.past_names],
-                       0, batch)
-
-    def _zeros(self, batch: int, length: int) -> ort.OrtValue:
-        return self._to_device(np.zeros((batch, self.kv_heads, length, self.head_dim), dtype=self.kv_dtype))
+        shape = (batch, self.kv_heads, capacity if self.shared_cache else 0, self.head_dim)
+        # one array per tensor: a shared-layout buffer is written in place
+        return KVCache([self._to_device(np.zeros(shape, dtype=self.kv_dtype)) for _ in self.past_names], 0)
 
     def _to_device(self, a: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
 
     def _room(self, cache: KVCache, needed: int) -> list[ort.OrtValue]:
         """Shared layout: buffers that hold `needed` positions, the filled ones kept."""
-        capacity = cache.values[0].shape()[2]
-        if needed <= capacity:
+        shape = cache.values[0].shape()  # [B, kv_heads, capacity, D]
+        if needed <= shape[2]:
             return cache.values
-        grown = max(needed, min(2 * capacity, self.max_length))
+        shape[2] = max(needed, min(2 * shape[2], self.max_length))
         out = []
         for v in cache.values:
-            a = np.zeros((cache.batch, self.kv_heads, grown, self.head_dim), dtype=self.kv_dtype)
+            a = np.zeros(shape, dtype=self.kv_dtype)
             if cache.length:
                 a[:, :, : cache.length] = v.numpy()[:, :, : cache.length]
             out.append(self._to_device(a))
@@ -190,7 +187,7 @@ class DecoderSession:
             self.session.run_with_iobinding(binding)
             del held
             outputs = binding.get_outputs()
-            return outputs[0].numpy(), KVCache(list(outputs[1:]), total, cache.batch)
+            return outputs[0].numpy(), KVCache(list(outputs[1:]), total)
         if cache.length and input_ids.shape[0] > 1 and input_ids.shape[1] > 1:
             # GroupQueryAttention takes several new tokens onto a filled cache only at batch
             # 1; a batch feeds them one position at a time (the same numbers).
@@ -216,7 +213,7 @@ class DecoderSession:
         self.session.run_with_iobinding(binding)
         del held
         chain.filled = total
-        return logits, KVCache(values, total, cache.batch, chain)
+        return logits, KVCache(values, total, chain)
 
     def _one_at_a_time(self, input_ids, attention_mask, position_ids, cache, last_only):
         rows = []

@@ -116,7 +116,7 @@ class AttentionRule(Rule):
                 return "attention output is not Reshape/Transpose'd into o_proj"
             cur = users[0].output[0]
         out = cur
-        # Attention takes over these three outputs; whatever else only fed them goes with DCE.
+        # GroupQueryAttention takes over these three outputs; what only fed them goes with DCE.
         replaced = [g.producer[out], cat_k, cat_v]
         return {"layer": i, "scope": scope, "q": q, "k": k, "v": v, "mask": mask, "out": out,
                 "q_norm": q_norm, "k_norm": k_norm, "replaced": replaced, "at": pv}
@@ -128,8 +128,8 @@ class AttentionRule(Rule):
         shared = _shared_names(ltype)
         q, k, pre = m["q"], m["k"], []
         if m["q_norm"] is not None:
-            # Attention has no QK-norm: the per-head RMSNorm stays a
-            # SimplifiedLayerNormalization over [.., D].
+            # The per-head RMSNorm stays a SimplifiedLayerNormalization over [.., D], in
+            # front of the rotary (GQA's own QK-norm needs its own rotary; see the docstring).
             q = _head_norm(g, pre, m["scope"] + "q_norm", q, *m["q_norm"], cfg.head_dim)
             k = _head_norm(g, pre, m["scope"] + "k_norm", k, *m["k_norm"], cfg.head_dim)
         # RoPE as RotaryEmbedding on the explicit position_ids (left-padded rows start at 0).
@@ -262,6 +262,7 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
         inv = (1.0 / (np.float32(cfg.rope_theta_for(ltype)) ** (np.arange(0, d, 2, dtype=np.float32) / d)))
         inv = (inv.astype(np.float32) / np.float32(cfg.rope_scale_for(ltype))).astype(np.float32)
         g.g.initializer.append(numpy_helper.from_array(inv[None, :], f"{p}/{t}/inv_freq"))
+        g.inits[f"{p}/{t}/inv_freq"] = g.g.initializer[-1]
         new += [
             helper.make_node("Mul", [f"{p}/pos2d", f"{p}/{t}/inv_freq"], [f"{p}/{t}/freqs"], name=f"{p}/{t}/Mul"),
             helper.make_node("Cos", [f"{p}/{t}/freqs"], [names["cos"]], name=f"{p}/{t}/Cos"),
@@ -270,14 +271,19 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
     if new:
         # At the top of the graph; a second layer type's cos/sin go right after the position
         # block they read, so the node list stays topologically sorted.
-        nodes = list(g.g.node)
-        at = nodes.index(g.producer[f"{p}/pos2d"]) + 1 if f"{p}/pos2d" in g.producer else 0
-        nodes[at:at] = new
-        del g.g.node[:]
-        g.g.node.extend(nodes)
-        g.inits = {i.name: i for i in g.g.initializer}
-        g.refresh()
+        _insert(g, new, after=f"{p}/pos2d" if f"{p}/pos2d" in g.producer else None)
     return names
+
+
+def _insert(g: Graph, new: list, after: str | None) -> None:
+    """Put `new` right after the node that produces `after` (None: at the top of the graph).
+    The node list is copied back, so node objects held from before are stale."""
+    nodes = list(g.g.node)
+    at = nodes.index(g.producer[after]) + 1 if after is not None else 0
+    nodes[at:at] = new
+    del g.g.node[:]
+    g.g.node.extend(nodes)
+    g.refresh()
 
 
 def _share_cache(g: Graph, cfg) -> None:
@@ -302,12 +308,7 @@ def _share_cache(g: Graph, cfg) -> None:
                              [f"{p}/past_shape"], name=f"{p}/Concat_past_shape", axis=0),
         ]
         # after _ensure_shared's block (which feeds them), before every reader (which follow it)
-        nodes = list(g.g.node)
-        at = nodes.index(g.producer[f"{p}/B"]) + 1
-        nodes[at:at] = new
-        del g.g.node[:]
-        g.g.node.extend(nodes)  # copies: find the readers again in the new list
-        g.refresh()
+        _insert(g, new, after=f"{p}/B")
         readers = [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
     present = [o.name for o in g.g.output if o.name.startswith("present.")]
     if any(g.consumers.get(name) for name in present):
@@ -326,8 +327,7 @@ def _share_cache(g: Graph, cfg) -> None:
             d = vi.type.tensor_type.shape.dim[2]
             d.Clear()
             d.dim_param = CAPACITY
-    g.inits = {i.name: i for i in g.g.initializer}
-    g.refresh()
+    g.refresh()  # the readers now read past_shape
 
 
 def dead_code_elimination(g: Graph) -> int:
