@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,6 +55,18 @@ def _emit(obj: dict, json_out: bool, text: str | None) -> None:
         typer.echo(json.dumps(obj, default=str))
     elif text is not None:
         typer.echo(text)
+
+
+@contextmanager
+def _result_even_on_miss(json_out: bool):
+    """A parity miss is still a result: print it as success would (the table, or with
+    --json the one JSON object, its parity.passed false), then let main exit 3."""
+    try:
+        yield
+    except ParityError as e:
+        if e.result:
+            _emit(e.result, json_out, e.result.get("parity_table"))
+        raise
 
 
 # -- export / verify ---------------------------------------------------------------------------
@@ -130,11 +143,12 @@ def export(
 
     prec = _choice(Precision, precision, "--precision")
     _check_steps(steps)
-    res = export_artifact(
-        model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
-        block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq,
-        optimize=optimize, progress=_progress(json_out),
-    )
+    with _result_even_on_miss(json_out):
+        res = export_artifact(
+            model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
+            block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq,
+            optimize=optimize, progress=_progress(json_out),
+        )
     _emit_artifact(res, json_out)
 
 
@@ -162,11 +176,12 @@ def quantize(
 
     prec = _choice(Precision, precision, "--precision")
     _check_steps(steps)
-    res = quantize_artifact(
-        src, out, precision=prec, force=force, verify=verify, steps=steps, block_size=block_size,
-        symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq, model=model,
-        optimize=optimize, progress=_progress(json_out),
-    )
+    with _result_even_on_miss(json_out):
+        res = quantize_artifact(
+            src, out, precision=prec, force=force, verify=verify, steps=steps, block_size=block_size,
+            symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq, model=model,
+            optimize=optimize, progress=_progress(json_out),
+        )
     _emit_artifact(res, json_out)
 
 
@@ -183,7 +198,8 @@ def verify(
     from gemma_export.exporter.pipeline import verify_dir
 
     _check_steps(steps)
-    res = verify_dir(artifact, model, steps=steps, progress=_progress(json_out))
+    with _result_even_on_miss(json_out):
+        res = verify_dir(artifact, model, steps=steps, progress=_progress(json_out))
     _emit(res, json_out, res["parity_table"])
 
 
@@ -334,8 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     except GemmaExportError as e:
         if debug:
             raise
-        if isinstance(e, ParityError) and e.result and e.result.get("parity_table"):
-            typer.echo(e.result["parity_table"])  # the table is the result, even when it fails
         typer.echo(f"Error: {e}", err=True)
         return e.exit_code
     except MemoryError:

@@ -157,6 +157,14 @@ def test_parity_failure_exits_3_and_still_prints_the_table(artifact, tmp_path, m
     assert len(lines) == 1 and "parity FAILED" in lines[0] and "Traceback" not in err
     assert json.loads((copy / "parity.json").read_text())["passed"] is False
 
+    # --json: stdout is still the one JSON object a machine reads, not the text table
+    rc = main(["verify", str(copy), "--steps", "2", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 3, err
+    res = json.loads(out)
+    assert res["parity"]["passed"] is False and res["artifact"] == str(copy)
+    assert [ln for ln in err.splitlines() if ln.startswith("Error:")] == lines
+
 
 # -- user mistakes -------------------------------------------------------------------------------------
 
