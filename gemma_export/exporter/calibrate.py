@@ -40,8 +40,10 @@ def fp32_session(model_path: Path, extra_outputs: list[str] = ()):
 
 def run_fed(sess, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """sess.run(names) with the feeds the graph takes (not every graph has position_ids,
-    num_logits_to_keep or a cache)."""
-    wanted = {i.name for i in sess.get_inputs()}
+    num_logits_to_keep or a cache). An optional input with a default (num_logits_to_keep)
+    is an overridable initializer to ONNX Runtime, not among get_inputs(): dropping its
+    feed would silently run the LM head over every position."""
+    wanted = {i.name for i in (*sess.get_inputs(), *sess.get_overridable_initializers())}
     return sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
 
 

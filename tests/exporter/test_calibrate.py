@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from gemma_export.errors import CheckpointError
-from gemma_export.exporter.calibrate import InputMoments, empty_past, fp32_session, sample_tokens
+from gemma_export.exporter.calibrate import InputMoments, empty_past, fp32_session, run_fed, sample_tokens
 from gemma_export.exporter.pipeline import quantize_artifact
 from gemma_export.exporter.quantize import EMBED, dequantized_weights, gptq_blocks, product_inputs, quantize_blocks
 
@@ -61,6 +61,21 @@ def test_calibration_text_is_sampled_and_seeded(tiny_artifacts):
     np.testing.assert_array_equal(ids, sample_tokens(path, bos_id=2, sequences=3, length=20, seed=5))
     assert len({tuple(r) for r in ids.tolist()}) == 3  # sampled, not greedy copies
     assert not np.array_equal(ids, sample_tokens(path, bos_id=2, sequences=3, length=20, seed=6))
+
+
+def test_calibration_runs_feed_num_logits_to_keep(tiny_artifacts):
+    """num_logits_to_keep has a default, so ONNX Runtime lists it among the overridable
+    initializers, not get_inputs(); a feed filtered by get_inputs() alone dropped it and ran
+    the LM head over every calibration position (1.1 GB more per GPTQ batch on the 270M)."""
+    src = tiny_artifacts["tiny-gemma3"][0] / "model.onnx"
+    sess = fp32_session(src)
+    ids = np.random.default_rng(0).integers(3, 200, (2, 9))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.broadcast_to(np.arange(9), ids.shape).copy(), **empty_past(sess, 2)}
+    full = run_fed(sess, ["logits"], feeds)[0]
+    last = run_fed(sess, ["logits"], feeds | {"num_logits_to_keep": np.array(1, np.int64)})[0]
+    assert full.shape[:2] == (2, 9) and last.shape[:2] == (2, 1)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_moments_of_whole_sequences_equal_a_token_at_a_time_run(tiny_artifacts):

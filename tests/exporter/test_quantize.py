@@ -42,6 +42,23 @@ def test_block_quantization_error_bound(bits, symmetric):
     assert np.all(b.dequantize()[3, :32] == 0.0)
 
 
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (8, True)])
+def test_rows_rounded_a_slab_at_a_time_equal_one_pass(monkeypatch, bits, symmetric):
+    """quantize_blocks bounds its memory by rounding a few rows at a time; the codes must
+    be those of rounding the whole matrix at once (5-row slabs over 23 rows: a short last one)."""
+    import gemma_export.exporter.quantize as q
+
+    w = np.random.default_rng(2).standard_normal((23, 128)).astype(np.float32)
+    whole = quantize_blocks(w, bits, 32, symmetric)
+    monkeypatch.setattr(q, "ROWS_AT_ONCE", 5 * 128)
+    slabs = quantize_blocks(w, bits, 32, symmetric)
+    for a, b in [(whole.codes, slabs.codes), (whole.scales, slabs.scales), (whole.zero_points, slabs.zero_points)]:
+        np.testing.assert_array_equal(a, b)
+    x = q._as_blocks(w, 32)  # and both are the plain one-pass formula
+    s, z = q._block_params(x, bits, symmetric)
+    np.testing.assert_array_equal(slabs.codes, q._round(x, s[..., None], z[..., None], bits))
+
+
 def test_pack_unpack_roundtrip():
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 16, (5, 3, 32)).astype(np.uint8)
