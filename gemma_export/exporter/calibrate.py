@@ -33,6 +33,9 @@ def fp32_session(model_path: Path, extra_outputs: list[str] = ()):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # No prepacked copies of the weights: 640 MB less on the 270M (1.08 GB of fp32
+    # weights), and sampling and moment runs measured as fast without them.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                   str(model_path.parent.resolve()))
     return ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
