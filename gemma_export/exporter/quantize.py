@@ -405,7 +405,7 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
     summary = {"matmuls": 0, "lm_head": False, "embedding": False, "bits": {}}
     embed_blocks: Blocks | None = None
     targets = sum(_kind(n, inits) is not None for n in g.node)
-    embed_weight = partial(numpy_helper.to_array, inits[EMBED])  # [V, H] = [N, K] already
+    embed_weight = partial(_array, inits, EMBED)  # [V, H] = [N, K] already; read only if asked
     done = 0
     for node in g.node:
         kind = _kind(node, inits)
@@ -447,6 +447,10 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
     summary["gptq"] = src.gptq_products
     summary["gguf_zero_scale_blocks"] = src.zero_scale_blocks
     return summary
+
+
+def _array(inits: dict, name: str) -> np.ndarray:
+    return numpy_helper.to_array(inits[name])
 
 
 def product_inputs(proto: onnx.ModelProto) -> dict[str, str]:

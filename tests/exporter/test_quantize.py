@@ -59,6 +59,19 @@ def test_rows_rounded_a_slab_at_a_time_equal_one_pass(monkeypatch, bits, symmetr
     np.testing.assert_array_equal(slabs.codes, q._round(x, s[..., None], z[..., None], bits))
 
 
+def test_graph_without_the_tied_embedding_is_refused_in_one_line():
+    from onnx import TensorProto, helper
+
+    from gemma_export.errors import ExportError
+    from gemma_export.exporter.quantize import RECIPES, quantize_graph
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(ExportError, match="tied embedding"):
+        quantize_graph(helper.make_model(g), RECIPES["int8"])
+
+
 def test_pack_unpack_roundtrip():
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 16, (5, 3, 32)).astype(np.uint8)
