@@ -296,7 +296,11 @@ def _share_cache(g: Graph, cfg) -> None:
 
     p = _SHARED
     past = [i.name for i in g.g.input if i.name.startswith("past_key_values.")]
-    readers = [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
+
+    def past_readers() -> list[onnx.NodeProto]:
+        return [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
+
+    readers = past_readers()
     if readers and f"{p}/past_shape" not in g.producer:
         # B, T and [B, S] (position_ids' shape) come from _ensure_shared's nodes
         new = [
@@ -309,7 +313,7 @@ def _share_cache(g: Graph, cfg) -> None:
         ]
         # after _ensure_shared's block (which feeds them), before every reader (which follow it)
         _insert(g, new, after=f"{p}/B")
-        readers = [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
+        readers = past_readers()  # _insert made the node objects held above stale
     present = [o.name for o in g.g.output if o.name.startswith("present.")]
     if any(g.consumers.get(name) for name in present):
         raise ValueError("a node reads present.*: it would see the whole buffer; cannot share the cache")
