@@ -9,7 +9,10 @@
 
 Everything is built in a hidden sibling directory and renamed onto `out` at the end, so
 an error or Ctrl-C leaves nothing at `out` (and an old artifact replaced with --force
-stays whole until the new one is complete).
+stays whole until the new one is complete). The staging directory is private while it is
+built (mkdtemp's 0700, and onnx writes external data 0600); before the rename every
+directory and file gets the mode a plain mkdir / open would give under the caller's umask,
+because an artifact is a deliverable that other users and containers read.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
         raise ExportError(f"--out {out}: cannot create a directory beside it ({e.strerror})") from e
     try:
         yield tmp
+        publish_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             out.rename(old / "artifact")
@@ -84,6 +88,25 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give `root` and everything under it the modes mkdir (0777) and open (0666) give
+    under the umask: never tighter than the umask asks, never looser."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
 
 
 def _remove_empty(dirs: list[Path]) -> None:
