@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ART := artifacts/gemma3-270m-fp32
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(BIN)/gemma-export: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,13 @@ demo: $(BIN)/gemma-export
 # The whole test suite: tiny presets and the real Gemma 3 270M.
 test: $(BIN)/gemma-export
 	$(BIN)/python -m pytest -q -ra
+
+# The tier to run while working: tiny presets only, no real model, no slow checks.
+test-fast: $(BIN)/gemma-export
+	$(BIN)/python -m pytest -q -ra -m "not real and not slow" -p no:cacheprovider
+
+lint: $(BIN)/gemma-export
+	$(BIN)/ruff check gemma_export tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

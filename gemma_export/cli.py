@@ -138,16 +138,17 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export MODEL to an ONNX artifact with a KV cache, then verify parity with PyTorch."""
+    from gemma_export.contract import Precision
     from gemma_export.exporter.pipeline import export_artifact
-    from gemma_export.exporter.precision import Precision
+    from gemma_export.exporter.recipes import RecipeOptions
 
     prec = _choice(Precision, precision, "--precision")
     _check_steps(steps)
+    options = RecipeOptions(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq)
     with _result_even_on_miss(json_out):
         res = export_artifact(
-            model, out, precision=prec, max_length=max_length, force=force, verify=verify, steps=steps,
-            block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq,
-            optimize=optimize, progress=_progress(json_out),
+            model, out, precision=prec, options=options, max_length=max_length, force=force, verify=verify,
+            steps=steps, optimize=optimize, progress=_progress(json_out),
         )
     _emit_artifact(res, json_out)
 
@@ -171,15 +172,16 @@ def quantize(
     json_out: JsonOpt = False,
 ) -> None:
     """Make an fp16 / bf16 / int8 / int4 / gguf artifact from an fp32 one, then verify parity with PyTorch."""
+    from gemma_export.contract import Precision
     from gemma_export.exporter.pipeline import quantize_artifact
-    from gemma_export.exporter.precision import Precision
+    from gemma_export.exporter.recipes import RecipeOptions
 
     prec = _choice(Precision, precision, "--precision")
     _check_steps(steps)
+    options = RecipeOptions(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq)
     with _result_even_on_miss(json_out):
         res = quantize_artifact(
-            src, out, precision=prec, force=force, verify=verify, steps=steps, block_size=block_size,
-            symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq, model=model,
+            src, out, precision=prec, options=options, force=force, verify=verify, steps=steps, model=model,
             optimize=optimize, progress=_progress(json_out),
         )
     _emit_artifact(res, json_out)
@@ -201,6 +203,18 @@ def verify(
     with _result_even_on_miss(json_out):
         res = verify_dir(artifact, model, steps=steps, progress=_progress(json_out))
     _emit(res, json_out, res["parity_table"])
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show an artifact: model, precision, size, graphs per provider, I/O contract, parity, consumers."""
+    from gemma_export.runtime.inspect import format_inspect, inspect_artifact
+
+    info = inspect_artifact(artifact)
+    _emit(info, json_out, format_inspect(info))
 
 
 # -- generate ----------------------------------------------------------------------------------

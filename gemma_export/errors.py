@@ -9,6 +9,13 @@ class GemmaExportError(Exception):
     exit_code = 1
 
 
+class UsageError(GemmaExportError):
+    """Options that cannot go together (a flag that does not apply to the precision, a
+    value out of range): the command line is wrong, not the input. Exit 2, like Click's."""
+
+    exit_code = 2
+
+
 class CheckpointError(GemmaExportError):
     """A checkpoint (directory, safetensors, GGUF, preset name) cannot be loaded."""
 

@@ -82,7 +82,8 @@ def artifact(exported) -> Path:
 # -- help and version -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cmd", [[], ["export"], ["verify"], ["generate"]], ids=["app", "export", "verify", "generate"])
+@pytest.mark.parametrize("cmd", [[], ["export"], ["verify"], ["generate"], ["inspect"]],
+                         ids=["app", "export", "verify", "generate", "inspect"])
 def test_help(capsys, cmd):
     assert main([*cmd, "--help"]) == 0
     out, err = capsys.readouterr()
@@ -333,3 +334,41 @@ def test_portable_graph_of_an_integer_artifact(artifact, tmp_path, capsys):
                "--portable"])
     out, err = capsys.readouterr()
     assert rc == 0 and json.loads(out)["graph"] == "model.onnx", err
+
+
+# -- inspect and flags misused with a precision ---------------------------------------------------
+
+
+def test_inspect_text_and_json(artifact, tmp_path, capsys):
+    q = tmp_path / "int8"
+    rc, _, err = run_main(["quantize", str(artifact), "--precision", "int8", "--out", str(q), "--no-verify", "--json"])
+    assert rc == 0, err
+    raw = json.loads((q / "manifest.json").read_text())
+    assert main(["inspect", str(q), "--json"]) == 0
+    out, err = capsys.readouterr()
+    info = json.loads(out)  # one object, nothing else on stdout
+    assert info["precision"] == "int8" and info["kv_cache"] == "shared"
+    assert info["size_bytes"] == sum(f["size"] for f in raw["files"].values())
+    assert info["graphs"]["model.portable.onnx"][0] == "cuda provider"
+    assert set(info["io"]["inputs"]) == set(raw["io"]["inputs"])
+    assert info["parity"] is None and info["opens_in"]["any ONNX runtime"] is False
+    assert main(["inspect", str(artifact)]) == 0
+    out, _ = capsys.readouterr()
+    assert "precision   fp32" in out and "parity      passed" in out and "past_key_values.{0..1}.key" in out
+
+
+def test_inspect_non_artifact(tmp_path, capsys):
+    rc = main(["inspect", str(tmp_path)])
+    error_line(rc, *capsys.readouterr(), 1, "not an artifact")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", PRESET, "--precision", "fp32", "--block-size", "64"], "--block-size applies to int8 and int4"),
+    (["export", PRESET, "--precision", "fp16", "--rtn"], "--rtn applies to int8 and int4"),
+    (["export", "--precision", "gguf", "--block-size", "64"], "come from the GGUF file"),
+    (["export", PRESET, "--precision", "int8", "--accuracy-level", "7"], "must be 0..4"),
+], ids=["fp32-block", "fp16-rtn", "gguf-block", "accuracy"])
+def test_flag_misused_with_a_precision_is_a_usage_error(tmp_path, capsys, args, needle):
+    rc = main([*args, "--out", str(tmp_path / "o")])
+    error_line(rc, *capsys.readouterr(), 2, needle)
+    assert not (tmp_path / "o").exists()

@@ -29,12 +29,11 @@ from typing import Any, Iterator
 
 from gemma_export import __version__
 from gemma_export.errors import ExportError
-from gemma_export.runtime.manifest import MANIFEST, sha256_file
+from gemma_export.contract import MANIFEST_FILE, PARITY_FILE
+from gemma_export.runtime.manifest import FileEntry, sha256_file
 
-PARITY_FILE = "parity.json"
-TOKENIZER_FILE = "tokenizer.model"
 # Not checksummed: the manifest itself, and the parity report verify may rewrite.
-_UNLISTED = {MANIFEST, PARITY_FILE}
+_UNLISTED = {MANIFEST_FILE, PARITY_FILE}
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -118,9 +117,9 @@ def _remove_empty(dirs: list[Path]) -> None:
             break
 
 
-def file_table(d: Path) -> dict[str, dict[str, Any]]:
+def file_table(d: Path) -> dict[str, FileEntry]:
     return {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
         for p in sorted(d.iterdir())
         if p.is_file() and p.name not in _UNLISTED
     }

@@ -10,7 +10,7 @@ left padding exactly as models/gemma.py writes them. Fusions for ONNX Runtime
 (SimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention, ...) are rewrites
 on top of this graph (exporter/optimize.py), never a different trace.
 
-After tracing, three rewrites make the graph match DESIGN.md's contract:
+After tracing, four rewrites make the graph match the contract (gemma_export/contract.py):
   1. I/O dims get the contract's names (batch_size, sequence_length, ...).
   2. The tied LM head reads the one embedding initializer through Gemm(transB=1); the
      exporter emits MatMul(Transpose(W)), which ONNX Runtime would constant-fold into a
@@ -38,64 +38,14 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from gemma_export.contract import (
+    BATCH, DATA_FILE, EMBED_WEIGHT, KEEP_INPUT, MODEL_FILE, PAST, SEQ, TOTAL, input_names, io_spec, output_names,
+)
 from gemma_export.errors import ExportError
 from gemma_export.models.config import GemmaConfig
 from gemma_export.models.gemma import GemmaForCausalLM
 
 OPSET = 18
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-EMBED_WEIGHT = "model.embed_tokens.weight"
-
-# Symbolic dim names of the contract (the names onnxruntime-genai and Optimum read).
-BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-CAPACITY = "cache_capacity"  # shared-cache graphs: past and present are one buffer of this length
-
-
-# Optional input (an initializer that is also a graph input, default 0 = all positions):
-# how many trailing positions get logits. Prefill feeds 1.
-KEEP_INPUT = "num_logits_to_keep"
-
-
-def input_names(cfg: GemmaConfig) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids"] + kv_names(cfg, "past_key_values")
-
-
-def output_names(cfg: GemmaConfig) -> list[str]:
-    return ["logits"] + kv_names(cfg, "present")
-
-
-def kv_names(cfg: GemmaConfig, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{t}" for i in range(cfg.num_hidden_layers) for t in ("key", "value")]
-
-
-def io_spec(cfg: GemmaConfig, kv_dtype: str = "float32", logits_dtype: str = "float32", kv_cache: str = "concat") -> dict:
-    """The I/O contract as data: name -> (dtype, dims). Written to the manifest and
-    checked against the graph by the tests, so it cannot drift silently.
-
-    kv_cache "concat" (the traced graph's contract): past holds the P earlier positions,
-    present = past + the S new ones. "shared" (the fused integer graphs): past and present
-    are the same buffer of `cache_capacity` positions, the first T - S filled; the graph
-    writes the new positions in place and the caller binds present to past's memory."""
-    kv_in = [BATCH, cfg.num_key_value_heads, PAST if kv_cache == "concat" else CAPACITY, cfg.head_dim]
-    kv_out = [BATCH, cfg.num_key_value_heads, TOTAL if kv_cache == "concat" else CAPACITY, cfg.head_dim]
-    inputs = {
-        "input_ids": ("int64", [BATCH, SEQ]),
-        "attention_mask": ("int64", [BATCH, TOTAL]),
-        "position_ids": ("int64", [BATCH, SEQ]),
-        **{n: (kv_dtype, kv_in) for n in kv_names(cfg, "past_key_values")},
-    }
-    optional = {KEEP_INPUT: ("int64", [], 0)}
-    outputs = {
-        "logits": (logits_dtype, [BATCH, SEQ, cfg.vocab_size]),
-        **{n: (kv_dtype, kv_out) for n in kv_names(cfg, "present")},
-    }
-    return {
-        "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in inputs.items()}
-        | {k: {"dtype": d, "shape": s, "default": v} for k, (d, s, v) in optional.items()},
-        "outputs": {k: {"dtype": d, "shape": s} for k, (d, s) in outputs.items()},
-    }
-
 
 class _Traceable(torch.nn.Module):
     """Takes the cache as one list argument so torch.export sees a flat pytree."""

@@ -35,16 +35,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from gemma_export.contract import EMBED_WEIGHT
 from gemma_export.errors import ExportError
 from gemma_export.exporter.calibrate import empty_past, fp32_session, run_fed
-from gemma_export.exporter.quantize import EMBED
 
 FP16_MAX = 65504.0
 # A MatMul stays fp32 when calibration sees |x| above FP16_MAX / RANGE_MARGIN at its
 # input or output: prompts unlike the calibration text may reach further.
 RANGE_MARGIN = 8.0
-
-CPU_MODEL_FILE = "model.cpu.onnx"
 
 KEPT_FP32 = [
     "the residual stream and every activation between products",
@@ -121,7 +119,7 @@ def _candidates(g: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:
             if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]:
                 continue  # no biased Gemm in our graphs; leave any such node alone
             out.append(n)
-        elif n.op_type == "Gather" and n.input[0] == EMBED:
+        elif n.op_type == "Gather" and n.input[0] == EMBED_WEIGHT:
             out.append(n)
     return [n for n in out if inits[_weight(n)].data_type == TensorProto.FLOAT]
 
@@ -169,7 +167,7 @@ def narrow_graph(proto: onnx.ModelProto, recipe: NarrowRecipe, keep: dict[str, f
     candidates = _candidates(g, inits)
     if not any(n.op_type == "Gather" for n in candidates):
         raise ExportError("the graph's embedding gather was not found; is this an fp32 artifact?")
-    dtype_of = {id(n): recipe.head_dtype if _weight(n) == EMBED else recipe.dtype for n in candidates}
+    dtype_of = {id(n): recipe.head_dtype if _weight(n) == EMBED_WEIGHT else recipe.dtype for n in candidates}
     # The guard speaks for fp16 products only (bf16 has fp32's range).
     kept = {k: v for k, v in (keep or {}).items()
             if any(n.name == k and dtype_of[id(n)] == TensorProto.FLOAT16 for n in candidates)}
@@ -205,7 +203,7 @@ def narrow_graph(proto: onnx.ModelProto, recipe: NarrowRecipe, keep: dict[str, f
     g.node.extend(nodes)
     return {
         "products": sum(n.op_type != "Gather" for n in chosen),
-        "embedding_and_lm_head": _TAGS[weights[EMBED]] if EMBED in weights else "fp32",
+        "embedding_and_lm_head": _TAGS[weights[EMBED_WEIGHT]] if EMBED_WEIGHT in weights else "fp32",
         "weights_narrowed": len(weights),
         "kept_fp32_products": kept,
     }

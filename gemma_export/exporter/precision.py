@@ -1,4 +1,4 @@
-"""Precisions and the parity thresholds each must meet: one table, DESIGN.md's.
+"""The parity thresholds each precision must meet: one table, docs/design.md's.
 
 Thresholds are never loosened to make a run pass; a miss is reported with the measured
 value beside the threshold and `verify` exits with ParityError's code.
@@ -6,17 +6,9 @@ value beside the threshold and `verify` exits with ParityError's code.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-
-class Precision(str, enum.Enum):
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    INT8 = "int8"
-    INT4 = "int4"
-    GGUF = "gguf"  # the GGUF source's own quantized blocks, carried without re-rounding
+from gemma_export.contract import Precision
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gemma_export.contract import CORPUS
 from gemma_export.exporter.precision import THRESHOLDS, Precision
 from gemma_export.models.gemma import GemmaForCausalLM
 from gemma_export.progress import NULL, Progress
@@ -38,7 +39,6 @@ RANDOM_PROMPT_LENGTHS = (5, 11, 19)
 BATCH_STEPS = 8  # decode steps checked for the ragged batch
 
 
-CORPUS = Path(__file__).parent / "data" / "eval_corpus.txt"  # sources: data/EVAL_CORPUS_SOURCES.md
 PPL_CHUNK = 256  # tokens per perplexity window (each starts with <bos>)
 
 
@@ -206,7 +206,7 @@ def verify_artifact(
     """`encode(text)` makes the prompts (None: seeded ids); `corpus_encode(text, add_bos)`
     tokenizes the evaluation corpus for perplexity (None: skipped)."""
     t0 = time.perf_counter()
-    precision = Precision(sess.manifest["precision"])
+    precision = sess.manifest.precision
     th = THRESHOLDS[precision]
     prompts = make_prompts(sess.vocab_size, encode)
 

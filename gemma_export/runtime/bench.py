@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from gemma_export.contract import CORPUS
 from gemma_export.errors import RuntimeConfigError
 from gemma_export.runtime.generate import decode_one_token, load_generator, prefill
 
-CORPUS = Path(__file__).resolve().parents[1] / "exporter" / "data" / "eval_corpus.txt"
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -65,7 +65,7 @@ def bench_artifact(
         tokens = out
     return {
         "artifact": str(artifact),
-        "precision": sess.manifest["precision"],
+        "precision": sess.manifest.precision.value,
         "provider": sess.provider.value,
         "graph": sess.model_path.name,
         "threads": threads,
@@ -74,6 +74,6 @@ def bench_artifact(
         "prefill_seconds": round(statistics.median(prefills), 4),
         "decode_tokens_per_second": round(statistics.median(decodes), 2),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "size_bytes": sum(f["size"] for f in sess.manifest["files"].values()),
+        "size_bytes": sess.manifest.size_bytes(),
         "greedy_tokens": tokens,
     }

@@ -297,7 +297,7 @@ def load_generator(artifact_dir, provider: str = "auto", threads: int | None = N
     from gemma_export.runtime.tokenizer import Tokenizer
 
     sess = DecoderSession(artifact_dir, provider=provider, threads=threads, portable=portable)
-    name = sess.manifest.get("tokenizer")
+    name = sess.manifest.tokenizer
     if not name:
         raise ArtifactError(f"{artifact_dir}: artifact has no tokenizer.model, so it cannot generate text")
     tok = Tokenizer.from_file(Path(artifact_dir) / name)

@@ -29,11 +29,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from gemma_export.contract import CAPACITY, KEEP_INPUT, PAST_PREFIX, PRESENT_PREFIX, kv_names
 from gemma_export.errors import ArtifactError, RuntimeConfigError
-from gemma_export.runtime.manifest import check_files, read_manifest
-
-KEEP_INPUT = "num_logits_to_keep"  # exporter.export.KEEP_INPUT (the runtime does not import the exporter)
-CAPACITY = "cache_capacity"  # exporter.export.CAPACITY: the past dim of shared-cache graphs
+from gemma_export.runtime.manifest import Manifest, inside_artifact
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
@@ -83,23 +81,25 @@ class DecoderSession:
         portable: bool = False,
     ):
         self.dir = Path(artifact_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = Manifest.read(self.dir)
         # Sizes always (cheap, catches truncation); sha256 on request (reads every byte).
-        check_files(self.dir, self.manifest, hashes=verify_checksums)
-        self.config: dict[str, Any] = self.manifest["config"]
+        self.manifest.check_files(self.dir, hashes=verify_checksums)
+        self.config: dict[str, Any] = self.manifest.config
         self.num_layers = int(self.config["num_hidden_layers"])
         self.kv_heads = int(self.config["num_key_value_heads"])
         self.head_dim = int(self.config["head_dim"])
         self.vocab_size = int(self.config["vocab_size"])
-        self.max_length = int(self.manifest.get("max_length") or self.config["max_position_embeddings"])
+        self.max_length = self.manifest.max_length
         self.eos_ids = tuple(self.config["eos_token_ids"])
         self.pad_id = int(self.config["pad_token_id"])
-        io = self.manifest["io"]
-        self.kv_dtype = _NP_DTYPES[io["inputs"]["past_key_values.0.key"]["dtype"]]
+        self.past_names = kv_names(self.num_layers, PAST_PREFIX)
+        self.present_names = kv_names(self.num_layers, PRESENT_PREFIX)
+        inputs = self.manifest.io["inputs"]
+        if self.past_names[0] not in inputs or inputs[self.past_names[0]]["dtype"] not in _NP_DTYPES:
+            raise ArtifactError(f"{self.dir}: manifest io has no usable {self.past_names[0]}")
+        self.kv_dtype = _NP_DTYPES[inputs[self.past_names[0]]["dtype"]]
         # Artifacts from before num_logits_to_keep lack it; they get full logits.
-        self.keeps_logits = KEEP_INPUT in io["inputs"]
-        self.past_names = [f"past_key_values.{i}.{t}" for i in range(self.num_layers) for t in ("key", "value")]
-        self.present_names = [f"present.{i}.{t}" for i in range(self.num_layers) for t in ("key", "value")]
+        self.keeps_logits = KEEP_INPUT in inputs
 
         provider = _parse_provider(provider)
         if provider == Provider.CUDA and not cuda_available():
@@ -117,11 +117,10 @@ class DecoderSession:
         opts.log_severity_level = 3  # errors only; ORT warns about unused initializers etc.
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         # A graph per provider where the artifact has one (fp16/bf16: model.cpu.onnx); the
-        # contract-exact sibling of a fused integer graph on request.
-        own = self.manifest.get("provider_model_files", {}).get("cuda" if use_cuda else "cpu")
-        if portable and self.manifest.get("portable_model_file"):
-            own = self.manifest["portable_model_file"]  # elsewhere model.onnx keeps the contract already
-        self.model_path = model_path = self.dir / (own or self.manifest["model_file"])
+        # contract-exact sibling of a fused integer graph on request (elsewhere model.onnx
+        # keeps the contract already).
+        name = self.manifest.graph_file("cuda" if use_cuda else "cpu", portable=portable)
+        self.model_path = model_path = inside_artifact(self.dir, name, f"{self.dir}: graph")
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / NoSuchFile types

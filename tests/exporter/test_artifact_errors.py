@@ -18,11 +18,13 @@ import pytest
 
 from gemma_export.errors import ArtifactError, ExportError
 from gemma_export.exporter import pipeline
-from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, ExportResult
+from gemma_export.contract import DATA_FILE, MODEL_FILE
+from gemma_export.exporter.export import ExportResult
 from gemma_export.exporter.pipeline import export_artifact, verify_dir
 from gemma_export.exporter.tokenizer_source import preset_tokenizer
 from gemma_export.runtime.generate import load_generator
-from gemma_export.runtime.manifest import MANIFEST, check_files, read_manifest, sha256_file
+from gemma_export.contract import MANIFEST_FILE as MANIFEST
+from gemma_export.runtime.manifest import Manifest, sha256_file
 from gemma_export.runtime.session import DecoderSession
 
 PRESET = "tiny-gemma3"
@@ -93,9 +95,9 @@ def test_force_replaces_with_a_valid_artifact(tmp_path):
     res = export_artifact(PRESET, out, force=True, verify=True, steps=2)
     assert res["parity"]["passed"]
     assert not (out / "notes.txt").exists()
-    manifest = read_manifest(out)
-    check_files(out, manifest, hashes=True)
-    assert manifest["parity"]["passed"]
+    manifest = Manifest.read(out)
+    manifest.check_files(out, hashes=True)
+    assert manifest.parity["passed"]
     assert verify_dir(out, steps=2)["parity"]["passed"]
     assert leftovers(out) == []
 
@@ -285,7 +287,7 @@ def test_corrupt_manifest(artifact, data, needle):
 
 
 def test_manifest_from_a_newer_version(artifact):
-    m = read_manifest(artifact)
+    m = _raw(artifact)
     m["format_version"] = 99
     (artifact / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError) as e:
@@ -294,7 +296,7 @@ def test_manifest_from_a_newer_version(artifact):
 
 
 def test_manifest_missing_a_key(artifact):
-    m = read_manifest(artifact)
+    m = _raw(artifact)
     del m["io"]
     (artifact / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError) as e:
@@ -302,11 +304,15 @@ def test_manifest_missing_a_key(artifact):
     one_line(e, MANIFEST, "'io'")
 
 
+def _raw(artifact: Path) -> dict:
+    return json.loads((artifact / MANIFEST).read_text())
+
+
 def _replace_listed_file(artifact: Path, name: str, data: bytes) -> None:
     """Replace a file and re-list it in the manifest, so checksums are consistent and the
     check under test is the one that has to catch it."""
     (artifact / name).write_bytes(data)
-    m = read_manifest(artifact)
+    m = _raw(artifact)
     m["files"][name] = {"size": len(data), "sha256": sha256_file(artifact / name)}
     (artifact / MANIFEST).write_text(json.dumps(m))
 
@@ -321,7 +327,7 @@ def test_graph_onnx_runtime_cannot_load(artifact):
 def test_tokenizer_of_another_vocab_size(artifact):
     load_generator(artifact, provider="cpu")  # the intact copy loads
     _replace_listed_file(artifact, "tokenizer.model", preset_tokenizer(1000))
-    check_files(artifact, hashes=True)  # consistent: only the vocabulary check can catch it
+    Manifest.read(artifact).check_files(artifact, hashes=True)  # consistent: only the vocabulary check can catch it
     with pytest.raises(ArtifactError) as e:
         load_generator(artifact, provider="cpu")
     one_line(e, str(artifact), "1000", "512")
@@ -335,7 +341,7 @@ def test_replaced_tokenizer_without_manifest_update(artifact):
 
 
 def test_artifact_without_tokenizer_cannot_generate(artifact):
-    m = read_manifest(artifact)
+    m = _raw(artifact)
     m["tokenizer"] = None
     del m["files"]["tokenizer.model"]
     (artifact / MANIFEST).write_text(json.dumps(m))
@@ -344,3 +350,98 @@ def test_artifact_without_tokenizer_cannot_generate(artifact):
     with pytest.raises(ArtifactError) as e:
         load_generator(artifact, provider="cpu")
     one_line(e, "no tokenizer.model")
+
+
+# -- reading an artifact is a trust boundary ---------------------------------------------------------
+
+
+def _elsewhere(artifact: Path) -> Path:
+    """A complete, valid artifact's graph and weights outside `artifact`."""
+    other = artifact.parent / "elsewhere"
+    other.mkdir()
+    for name in (MODEL_FILE, DATA_FILE):
+        shutil.copy(artifact / name, other / name)
+    return other
+
+
+def _point_at(artifact: Path, field: str, name: str, listed: Path) -> None:
+    """Set a path field and list it with its true size and sha256 (a consistent forgery)."""
+    m = _raw(artifact)
+    m[field] = name
+    m["files"][name] = {"size": listed.stat().st_size, "sha256": sha256_file(listed)}
+    (artifact / MANIFEST).write_text(json.dumps(m))
+
+
+def test_model_file_outside_the_artifact_is_refused(artifact):
+    other = _elsewhere(artifact)
+    _point_at(artifact, "model_file", "../elsewhere/model.onnx", other / MODEL_FILE)
+    for load in (lambda: DecoderSession(artifact, provider="cpu"), lambda: load_generator(artifact, provider="cpu"),
+                 lambda: verify_dir(artifact, steps=2)):
+        with pytest.raises(ArtifactError) as e:
+            load()
+        one_line(e, "model_file", "'../elsewhere/model.onnx'", "outside the artifact")
+
+
+def test_absolute_and_symlinked_paths_are_refused(artifact):
+    other = _elsewhere(artifact)
+    _point_at(artifact, "model_file", str(other / MODEL_FILE), other / MODEL_FILE)
+    with pytest.raises(ArtifactError) as e:
+        DecoderSession(artifact, provider="cpu")
+    one_line(e, "model_file", "not a path inside")
+    # A name inside the directory that is a symlink to a graph elsewhere.
+    (artifact / "linked.onnx").symlink_to(other / MODEL_FILE)
+    _point_at(artifact, "model_file", "linked.onnx", other / MODEL_FILE)
+    with pytest.raises(ArtifactError) as e:
+        DecoderSession(artifact, provider="cpu")
+    one_line(e, "model_file", "outside the artifact")
+
+
+@pytest.mark.parametrize("field", ["tokenizer", "portable_model_file"])
+def test_every_named_path_is_checked(artifact, field):
+    m = _raw(artifact)
+    m[field] = "../../etc/passwd"
+    (artifact / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError) as e:
+        DecoderSession(artifact, provider="cpu")
+    one_line(e, field, "outside the artifact")
+
+
+def test_provider_graph_and_listed_files_are_checked(artifact):
+    m = _raw(artifact)
+    m["provider_model_files"] = {"cpu": "../x.onnx"}
+    (artifact / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError) as e:
+        DecoderSession(artifact, provider="cpu")
+    one_line(e, "provider_model_files['cpu']", "outside")
+    m = _raw(artifact) | {"provider_model_files": {}}
+    m["files"]["../../x"] = {"size": 1, "sha256": "0" * 64}
+    (artifact / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError) as e:
+        verify_dir(artifact, steps=2)
+    one_line(e, "files['../../x']", "outside")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("max_length", "long", "'max_length' must be an integer"),
+    ("max_length", True, "'max_length' must be an integer"),
+    ("precision", "int3", "'precision' is 'int3', not one of fp32"),
+    ("model_file", 7, "'model_file' must be a string"),
+    ("files", [], "'files' must be an object"),
+    ("kv_cache", "ring", "'kv_cache' is 'ring'"),
+])
+def test_a_bad_field_is_named(artifact, field, value, needle):
+    m = _raw(artifact)
+    m[field] = value
+    (artifact / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError) as e:
+        DecoderSession(artifact, provider="cpu")
+    one_line(e, MANIFEST, needle)
+
+
+def test_manifest_round_trips_exactly(artifact):
+    """What the typed Manifest writes is what it read, key order included."""
+    text = (artifact / MANIFEST).read_text()
+    m = Manifest.read(artifact)
+    (artifact / MANIFEST).unlink()
+    m.write(artifact)
+    assert (artifact / MANIFEST).read_text() == text

@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from gemma_export.errors import CheckpointError
+from gemma_export.errors import UsageError
 from gemma_export.exporter.calibrate import InputMoments, empty_past, fp32_session, run_fed, sample_tokens
+from gemma_export.exporter.recipes import RecipeOptions
 from gemma_export.exporter.pipeline import quantize_artifact
 from gemma_export.exporter.quantize import EMBED, dequantized_weights, gptq_blocks, product_inputs, quantize_blocks
 
@@ -115,7 +116,7 @@ def test_moments_of_whole_sequences_equal_a_token_at_a_time_run(tiny_artifacts):
 def test_int4_defaults_to_gptq_and_rtn_is_selectable(tiny_artifacts, tmp_path):
     src = tiny_artifacts["tiny-gemma2"][0]
     quantize_artifact(src, tmp_path / "g", precision="int4", verify=False)
-    quantize_artifact(src, tmp_path / "r", precision="int4", gptq=False, verify=False)
+    quantize_artifact(src, tmp_path / "r", precision="int4", verify=False, options=RecipeOptions(gptq=False))
     mg = json.loads((tmp_path / "g" / "manifest.json").read_text())
     mr = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert mg["recipe"]["gptq"] is True and mg["recipe"]["gptq_sequences"] > 0
@@ -130,8 +131,8 @@ def test_int4_defaults_to_gptq_and_rtn_is_selectable(tiny_artifacts, tmp_path):
 @pytest.mark.parametrize("precision", ["gguf", "fp16"])
 def test_gptq_flag_refused_where_it_means_nothing(tiny_artifacts, tmp_path, precision):
     src = tiny_artifacts["tiny-gemma1"][0]
-    with pytest.raises(CheckpointError, match="GGUF file" if precision == "gguf" else "--rtn applies to int8 and int4"):
-        quantize_artifact(src, tmp_path / "x", precision=precision, gptq=False)
+    with pytest.raises(UsageError, match="GGUF file" if precision == "gguf" else "--rtn applies to int8 and int4"):
+        quantize_artifact(src, tmp_path / "x", precision=precision, options=RecipeOptions(gptq=False))
     assert not (tmp_path / "x").exists()
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from gemma_export.exporter.export import BATCH, PAST, SEQ, TOTAL
+from gemma_export.contract import BATCH, PAST, SEQ, TOTAL
 from gemma_export.runtime.session import DecoderSession
 from tests.conftest import TINY
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from gemma_export.errors import CheckpointError, ParityError
+from gemma_export.errors import ParityError, UsageError
 from gemma_export.exporter import narrow
+from gemma_export.exporter.recipes import RecipeOptions
 from gemma_export.exporter.pipeline import quantize_artifact
 from gemma_export.runtime.session import DecoderSession
 
@@ -156,8 +157,8 @@ def test_bf16_tiny_families(tiny_artifacts, tmp_path, name):
 
 def test_narrow_recipes_refuse_integer_options(tiny_artifacts, tmp_path):
     src = tiny_artifacts["tiny-gemma1"][0]
-    with pytest.raises(CheckpointError, match="--block-size"):
-        quantize_artifact(src, tmp_path / "a", precision="fp16", block_size=32)
-    with pytest.raises(CheckpointError, match="fp32"):
+    with pytest.raises(UsageError, match="--block-size"):
+        quantize_artifact(src, tmp_path / "a", precision="fp16", options=RecipeOptions(block_size=32))
+    with pytest.raises(UsageError, match="fp32"):
         quantize_artifact(src, tmp_path / "b", precision="fp32")
     assert not (tmp_path / "a").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gemma_export.errors import ParityError
+from gemma_export.exporter.recipes import RecipeOptions
 from gemma_export.exporter.pipeline import quantize_artifact
 from gemma_export.exporter.quantize import (
     gguf_blocks,
@@ -115,7 +116,7 @@ def test_recipe_computes_its_dequantized_weights(tiny_artifacts, tmp_path, name,
     """accuracy_level 0 (fp32 compute): the quantized graph is the dequantized model exactly."""
     src = _tiny_fp32(tiny_artifacts, name)
     out = tmp_path / precision
-    quantize_artifact(src, out, precision=precision, accuracy_level=0, verify=False)
+    quantize_artifact(src, out, precision=precision, verify=False, options=RecipeOptions(accuracy_level=0))
     proto = _check_against_dequantized(src, out, name, 1e-5)
     ops = {n.op_type for n in proto.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
@@ -146,11 +147,12 @@ def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifact
     """The integer recipes' fused graph reads and writes one KV buffer per tensor (the
     manifest and the graph's I/O say cache_capacity); model.portable.onnx keeps the traced
     contract, reads the same weights file (no second copy), and computes the same logits."""
-    from gemma_export.exporter.export import io_spec
+    from gemma_export.contract import io_spec
     from gemma_export.models.config import GemmaConfig
 
     out = tmp_path / "int4"
-    quantize_artifact(_tiny_fp32(tiny_artifacts, name), out, precision="int4", accuracy_level=0, verify=False)
+    quantize_artifact(_tiny_fp32(tiny_artifacts, name), out, precision="int4", options=RecipeOptions(accuracy_level=0),
+                      verify=False)
     m = json.loads((out / "manifest.json").read_text())
     cfg = GemmaConfig.from_dict(m["config"])
     assert m["kv_cache"] == "shared" and m["portable_model_file"] == "model.portable.onnx"
@@ -210,18 +212,18 @@ def test_int8_activations_stay_close(tiny_artifacts, tmp_path, name):
     """The default accuracy_level 4 quantizes activations too: close, not exact."""
     src = _tiny_fp32(tiny_artifacts, name)
     out = tmp_path / "int4-l4"
-    quantize_artifact(src, out, precision="int4", verify=False, symmetric=False)
+    quantize_artifact(src, out, precision="int4", verify=False, options=RecipeOptions(symmetric=False))
     _check_against_dequantized(src, out, name, 2e-2)
 
 
 def test_quantize_refuses_bad_input(tiny_artifacts, tmp_path):
-    from gemma_export.errors import ArtifactError, CheckpointError
+    from gemma_export.errors import ArtifactError, UsageError
 
     src = _tiny_fp32(tiny_artifacts, "tiny-gemma1")
-    with pytest.raises(CheckpointError, match="block-size"):
-        quantize_artifact(src, tmp_path / "a", precision="int4", block_size=24)
-    with pytest.raises(CheckpointError, match="gguf"):
-        quantize_artifact(src, tmp_path / "b", precision="gguf", block_size=32)
+    with pytest.raises(UsageError, match="block-size"):
+        quantize_artifact(src, tmp_path / "a", precision="int4", options=RecipeOptions(block_size=24))
+    with pytest.raises(UsageError, match="gguf"):
+        quantize_artifact(src, tmp_path / "b", precision="gguf", options=RecipeOptions(block_size=32))
     with pytest.raises(ArtifactError, match="GGUF"):
         quantize_artifact(src, tmp_path / "c", precision="gguf")  # a preset has no GGUF blocks
     q = tmp_path / "q"
@@ -284,7 +286,7 @@ def real_quantized(real_artifact, tmp_path_factory, real_ckpt):
         out = {}
         for p in ("fp16", "bf16", "int8", "int4", "int4-rtn", "gguf"):
             try:
-                kw = dict(precision="int4", gptq=False) if p == "int4-rtn" else dict(precision=p)
+                kw = dict(precision="int4", options=RecipeOptions(gptq=False)) if p == "int4-rtn" else dict(precision=p)
                 out[p] = (root / p, quantize_artifact(src, root / p, **kw))
             except ParityError as e:  # the artifact is written; its report says what missed
                 out[p] = (root / p, e.result)
@@ -404,7 +406,8 @@ def test_real_fused_and_portable_graphs_are_one_model(real_artifact, tmp_path):
     from gemma_export.runtime.tokenizer import Tokenizer
 
     out = tmp_path / "int4"
-    quantize_artifact(real_artifact[0], out, precision="int4", accuracy_level=0, gptq=False, verify=False)
+    quantize_artifact(real_artifact[0], out, precision="int4", verify=False,
+                      options=RecipeOptions(accuracy_level=0, gptq=False))
     ids = prompt_ids(Tokenizer.from_file(out / "tokenizer.model"), 128)
     fused, portable = DecoderSession(out, provider="cpu"), DecoderSession(out, provider="cpu", portable=True)
     assert fused.shared_cache and not portable.shared_cache

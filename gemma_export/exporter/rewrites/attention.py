@@ -27,7 +27,7 @@ About 45 nodes per layer become three (six with QK-norm). Exactness, left paddin
 Once every layer is fused, the cache becomes shared (`_share_cache`): past and present are
 one buffer of `cache_capacity` positions per tensor, bound by the runtime to the same
 memory, so a step copies nothing but the new positions. That is the I/O contract's
-shared variant (exporter.export.io_spec(kv_cache="shared")); the pipeline ships the graph
+shared variant (contract.io_spec(kv_cache="shared")); the pipeline ships the graph
 from before this rule beside it as model.portable.onnx. Until every layer is fused the
 concat contract holds (GQA with past of P positions and present of P + S is exact too).
 Why GQA on a shared buffer: benchmarks/attention_ops.py (18 layers at the 270M's shapes,
@@ -292,7 +292,7 @@ def _share_cache(g: Graph, cfg) -> None:
     same memory as past_key_values.*. Whatever else read the past's shape (the traced
     graph takes the past length and the batch from it) now reads the logical shape
     [B, kv_heads, T - S, D] instead, which is what it was under the concat contract."""
-    from gemma_export.exporter.export import CAPACITY
+    from gemma_export.contract import CAPACITY
 
     p = _SHARED
     past = [i.name for i in g.g.input if i.name.startswith("past_key_values.")]

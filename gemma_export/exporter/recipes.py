@@ -1,0 +1,258 @@
+"""Recipes as units: how an fp32 graph becomes the graphs of an artifact of one precision.
+
+Every precision is one `ArtifactRecipe`:
+
+    precision          the Precision it makes (the manifest's `precision`)
+    to_dict()          its parameters (the manifest's `recipe`)
+    apply(job) -> Made rewrite the fp32 graph into job.dst: the graphs it writes there (on the
+                       one weights file), its summary, what it kept in fp32, and the manifest
+                       fields it adds (kv_cache, io, portable / per-provider graphs)
+
+`make_recipe(precision, RecipeOptions)` builds one from what the user asked; an option
+that does not apply to the precision is a UsageError (exit 2). The pipeline
+(pipeline.py) runs every recipe the same way, for `export` and `quantize` alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from gemma_export.contract import (
+    CAPACITY, CPU_MODEL_FILE, DATA_FILE, MODEL_FILE, PAST_PREFIX, PORTABLE_MODEL_FILE, KVLayout, Precision, io_spec,
+)
+from gemma_export.errors import ArtifactError, UsageError
+from gemma_export.exporter import narrow
+from gemma_export.exporter.optimize import SMALL, fill_from, optimize_graph
+from gemma_export.exporter.quantize import RECIPES, Recipe, product_inputs, quantize_graph
+from gemma_export.progress import Progress
+
+# What the integer recipes leave in fp32 (the manifest's kept_fp32), in words.
+KEPT_FP32_QUANTIZED = [
+    "activations and the residual stream",
+    "RMSNorm weights and arithmetic",
+    "attention scores and softmax",
+    "RoPE",
+    "logits",
+]
+# Ops outside standard ONNX that a graph may need from ONNX Runtime.
+ORT_CONTRIB_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "MatMulNBits",
+                   "GatherBlockQuantized", "RotaryEmbedding", "GroupQueryAttention"}
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """What a user may set on a recipe; None leaves the recipe's default."""
+
+    block_size: int | None = None  # int8 / int4: quantization block size
+    symmetric: bool | None = None  # int8 / int4: no zero points
+    accuracy_level: int | None = None  # int8 / int4 / gguf: MatMulNBits compute (0 fp32 .. 4 int8)
+    gptq: bool | None = None  # int8 / int4: GPTQ rounding instead of round to nearest
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class Job:
+    """One recipe run: the fp32 graph it starts from and where it writes."""
+
+    fp32_model: Path  # the traced (or exported) fp32 graph, with its weights file beside it
+    dst: Path  # the staging directory: the recipe writes MODEL_FILE (+ siblings) and DATA_FILE here
+    cfg: Any  # models.config.GemmaConfig
+    optimize: bool  # fuse for ONNX Runtime (False: plain-op graph)
+    progress: Progress
+    gguf_path: Path | None = None  # the source GGUF, for the gguf recipe
+    calibration: Callable[[], Any] | None = None  # tokens [1, T] for fp16's range guard
+
+
+@dataclass
+class Made:
+    """What a recipe produced, for the manifest."""
+
+    graph: dict[str, Any]  # node count, op histogram, fusions, opset of MODEL_FILE
+    kept_fp32: list[str]
+    summary: dict[str, Any] | None = None  # the manifest's `quantized`
+    fields: dict[str, Any] = field(default_factory=dict)  # further manifest fields (kv_cache, io, ...)
+
+
+class ArtifactRecipe(Protocol):
+    precision: Precision
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def apply(self, job: Job) -> Made: ...
+
+
+def graph_summary(proto, fusions: dict[str, int]) -> dict:
+    """The manifest's `graph` entry: node count, op histogram, fusions applied, default-domain opset."""
+    hist = Counter(n.op_type for n in proto.graph.node)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"nodes": len(proto.graph.node), "op_types": dict(hist.most_common()), "fusions": fusions,
+            "opset": opset}
+
+
+def contrib_ops(op_types: dict[str, int]) -> list[str]:
+    """Ops outside standard ONNX that the graph needs from ONNX Runtime (the manifest's onnxruntime_ops)."""
+    return sorted(set(op_types) & ORT_CONTRIB_OPS)
+
+
+# -- the recipes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fp32Recipe:
+    """The traced graph itself, fused in place (structure only; the weights file is untouched)."""
+
+    precision: Precision = Precision.FP32
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": "fp32"}
+
+    def apply(self, job: Job) -> Made:
+        import onnx
+
+        assert job.fp32_model == job.dst / MODEL_FILE, "fp32 is traced straight into the artifact"
+        proto = onnx.load(str(job.fp32_model), load_external_data=False)
+        fusions = {}
+        if job.optimize:
+            fusions = optimize_graph(proto)
+            onnx.save(proto, str(job.fp32_model))
+        return Made(graph=graph_summary(proto, fusions), kept_fp32=["everything"])
+
+
+@dataclass(frozen=True)
+class NarrowArtifactRecipe:
+    """fp16 / bf16 for CUDA: products narrow, the rest fp32 (exporter/narrow.py), fused
+    first; a CPU graph beside it that rounds as a narrow GEMM does, on the same weights."""
+
+    params: narrow.NarrowRecipe
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.params.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.params.to_dict()
+
+    def apply(self, job: Job) -> Made:
+        import onnx
+
+        proto = _load(job.fp32_model)
+        keep = {}
+        if job.calibration is not None:
+            with job.progress.stage("calibrating fp16 ranges"):
+                keep = narrow.range_guard(job.fp32_model, proto, job.calibration())
+        fusions = optimize_graph(proto) if job.optimize else {}
+        summary = narrow.narrow_graph(proto, self.params, keep)
+        _save(proto, job.dst)
+        onnx.save(narrow.cpu_fallback_graph(proto), str(job.dst / CPU_MODEL_FILE))
+        kept = narrow.KEPT_FP32 + [f"product {n} (calibrated |x| {v} near fp16's limit)"
+                                   for n, v in summary["kept_fp32_products"].items()]
+        return Made(graph=graph_summary(proto, fusions), kept_fp32=kept, summary=summary,
+                    fields={"provider_model_files": {"cpu": CPU_MODEL_FILE}})
+
+
+@dataclass(frozen=True)
+class IntegerRecipe:
+    """int8 / int4 / gguf for CPUs: weight-only blocks through MatMulNBits and
+    GatherBlockQuantized (exporter/quantize.py), fused after; where attention fuses onto a
+    shared KV buffer, the contract-exact graph ships beside it on the same weights."""
+
+    params: Recipe
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.params.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.params.to_dict()
+
+    def apply(self, job: Job) -> Made:
+        import onnx
+
+        proto = _load(job.fp32_model)
+        moments = _gptq_moments(job, proto, self.params) if self.params.gptq else None
+        summary = quantize_graph(proto, self.params, job.gguf_path, job.progress, moments)
+        portable: list = []
+        fusions = optimize_graph(proto, cfg=job.cfg, portable=portable) if job.optimize else {}
+        _save(proto, job.dst)
+        fields: dict[str, Any] = {}
+        if _shares_cache(proto):
+            # The fused graph's cache is one buffer per tensor (a contract change): the
+            # manifest says so, and the contract-exact graph from just before the attention
+            # fusion ships beside it. CUDA runs that one: the shared-buffer
+            # GroupQueryAttention with an attention_bias is verified on the CPU provider only.
+            onnx.save(fill_from(portable[0], proto), str(job.dst / PORTABLE_MODEL_FILE))
+            fields = {"kv_cache": KVLayout.SHARED, "io": io_spec(job.cfg, kv_cache=KVLayout.SHARED),
+                      "portable_model_file": PORTABLE_MODEL_FILE,
+                      "provider_model_files": {"cuda": PORTABLE_MODEL_FILE}}
+        return Made(graph=graph_summary(proto, fusions), kept_fp32=KEPT_FP32_QUANTIZED, summary=summary,
+                    fields=fields)
+
+
+def _load(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except onnx.checker.ValidationError as e:  # e.g. a weights file with a second hard link
+        raise ArtifactError(f"{path.parent}: cannot read the fp32 weights ({str(e).strip().splitlines()[0]})") from e
+
+
+def _save(proto, dst: Path) -> None:
+    import onnx
+
+    onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=SMALL)
+
+
+def _shares_cache(proto) -> bool:
+    past = next(i for i in proto.graph.input if i.name.startswith(PAST_PREFIX + "."))
+    return past.type.tensor_type.shape.dim[2].dim_param == CAPACITY
+
+
+def _gptq_moments(job: Job, proto, recipe: Recipe):
+    """Second moments of every product's input over text the fp32 graph samples, computed
+    a layer at a time as quantize_graph asks for them."""
+    from gemma_export.exporter.calibrate import InputMoments, sample_tokens
+
+    length = min(recipe.gptq_length, job.cfg.max_position_embeddings)
+    with job.progress.stage("sampling calibration text for GPTQ"):
+        ids = sample_tokens(job.fp32_model, bos_id=job.cfg.bos_token_id, sequences=recipe.gptq_sequences,
+                            length=length, seed=recipe.gptq_seed, progress=job.progress)
+    return InputMoments(job.fp32_model, ids, product_inputs(proto))
+
+
+# -- from what the user asked ------------------------------------------------------------------------
+
+_FLAGS = {"symmetric": ("--asymmetric", "--symmetric"), "gptq": ("--rtn", "--gptq")}  # the CLI's spelling
+
+
+def _flag(key: str, value: Any) -> str:
+    return _FLAGS[key][bool(value)] if key in _FLAGS else "--" + key.replace("_", "-")
+
+
+def make_recipe(precision: Precision | str, options: RecipeOptions | None = None) -> ArtifactRecipe:
+    """The recipe for `precision` with the user's options; UsageError for an option that
+    does not apply to it or a value out of range."""
+    precision = Precision(precision)
+    given = (options or RecipeOptions()).given()
+    if precision == Precision.FP32 or precision in (Precision.FP16, Precision.BF16):
+        if given:
+            flags = ", ".join(_flag(k, v) for k, v in given.items())
+            verb = "applies" if len(given) == 1 else "apply"
+            targets = "int8, int4 and gguf" if set(given) == {"accuracy_level"} else "int8 and int4"
+            raise UsageError(f"--precision {precision.value}: {flags} {verb} to {targets} only")
+        return Fp32Recipe() if precision == Precision.FP32 else NarrowArtifactRecipe(narrow.NarrowRecipe(precision.value))
+    if precision == Precision.GGUF and {"block_size", "symmetric", "gptq"} & given.keys():
+        raise UsageError("--precision gguf: block size, symmetry and rounding come from the GGUF file")
+    bs = given.get("block_size")
+    if bs is not None and (bs < 16 or bs & (bs - 1)):
+        raise UsageError(f"--block-size {bs}: must be a power of two >= 16")
+    if given.get("accuracy_level", 0) not in (0, 1, 2, 3, 4):
+        raise UsageError(f"--accuracy-level {given['accuracy_level']}: must be 0..4")
+    return IntegerRecipe(dataclasses.replace(RECIPES[precision.value], **given))

@@ -1,0 +1,111 @@
+"""`gemma-export inspect DIR`: one screen about an artifact, read from its manifest alone.
+
+Model, precision, size, the graphs and which provider runs each, the I/O contract, the
+parity summary, and which consumers can open it. Reads no weights and runs nothing, so it
+is instant on any artifact and needs neither torch nor a provider. No torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gemma_export.contract import KVLayout
+from gemma_export.runtime.manifest import Manifest
+
+
+def inspect_artifact(artifact_dir: Path | str) -> dict[str, Any]:
+    """The facts `inspect` prints, as one JSON-ready dict."""
+    d = Path(artifact_dir)
+    m = Manifest.read(d)
+    cfg = m.config
+    graphs: dict[str, list[str]] = {}
+    for provider in ("cpu", "cuda"):
+        graphs.setdefault(m.graph_file(provider), []).append(f"{provider} provider")
+    if m.portable_model_file:
+        graphs.setdefault(m.portable_model_file, []).append("contract-exact sibling (--portable)")
+    standard = not m.onnxruntime_ops
+    return {
+        "artifact": str(d),
+        "model": m.source.description,
+        "family": cfg.get("family"),
+        "layers": cfg["num_hidden_layers"],
+        "hidden_size": cfg.get("hidden_size"),
+        "vocab_size": cfg["vocab_size"],
+        "max_length": m.max_length,
+        "precision": m.precision.value,
+        "recipe": m.recipe,
+        "kept_fp32": m.kept_fp32,
+        "size_bytes": m.size_bytes(),
+        "files": {name: e.size for name, e in m.files.items()},
+        "graphs": graphs,
+        "kv_cache": m.layout.value,
+        "io": {side: {name: f"{s['dtype']} {s['shape']}" for name, s in m.io[side].items()}
+               for side in ("inputs", "outputs")},
+        "onnxruntime_ops": m.onnxruntime_ops,
+        "parity": None if m.parity is None else {
+            "passed": m.parity.get("passed"),
+            "metrics": m.parity.get("metrics", {}),
+        },
+        "opens_in": {
+            "gemma-export runtime": True,
+            # A graph of standard ops only runs on any ONNX runtime; contrib ops need ONNX Runtime.
+            "any ONNX runtime": standard,
+            "ONNX Runtime": True,
+        },
+        "tokenizer": m.tokenizer,
+        "versions": m.versions,
+    }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """The human-readable screen."""
+    lines = [
+        f"{info['artifact']}: {info['model']}",
+        f"  precision   {info['precision']}  ({_recipe_line(info['recipe'])})",
+        f"  model       Gemma {info['family']}, {info['layers']} layers, hidden {info['hidden_size']}, "
+        f"vocab {info['vocab_size']}, context {info['max_length']}",
+        f"  size        {info['size_bytes'] / 1e6:.1f} MB in {len(info['files'])} files",
+        "  graphs",
+    ]
+    lines += [f"    {name:<22} {', '.join(uses)}" for name, uses in info["graphs"].items()]
+    layout = info["kv_cache"]
+    lines.append(f"  kv cache    {layout}" + (" (past and present one buffer, written in place)"
+                                             if layout == KVLayout.SHARED.value else ""))
+    lines.append("  inputs")
+    lines += [f"    {n:<28} {s}" for n, s in _fold_kv(info["io"]["inputs"]).items()]
+    lines.append("  outputs")
+    lines += [f"    {n:<28} {s}" for n, s in _fold_kv(info["io"]["outputs"]).items()]
+    ops = info["onnxruntime_ops"]
+    lines.append(f"  ORT ops     {', '.join(ops) if ops else 'none (standard ONNX only)'}")
+    p = info["parity"]
+    if p is None:
+        lines.append("  parity      not verified (run `gemma-export verify`)")
+    else:
+        lines.append(f"  parity      {'passed' if p['passed'] else 'FAILED'}")
+        for name, m in p["metrics"].items():
+            bound = f"{m['op']} {_num(m['threshold'])}" if m.get("threshold") is not None else "(info)"
+            lines.append(f"    {name:<40} {_num(m['measured']):>10} {bound}")
+    lines.append(f"  opens in    {', '.join(k for k, v in info['opens_in'].items() if v)}")
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _recipe_line(recipe: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in recipe.items() if k != "name" and not k.startswith("gptq_")) or "as traced"
+
+
+def _fold_kv(specs: dict[str, str]) -> dict[str, str]:
+    """past_key_values.{i}.key / .value shown once, with the layer count."""
+    out: dict[str, str] = {}
+    layers = {n.split(".")[1] for n in specs if n.count(".") == 2}
+    for n, s in specs.items():
+        if n.count(".") == 2:
+            prefix, _, kind = n.split(".")
+            out[f"{prefix}.{{0..{len(layers) - 1}}}.{kind}"] = s
+        else:
+            out[n] = s
+    return out
