@@ -14,14 +14,9 @@ import torch
 
 from gemma_export.errors import ParityError
 from gemma_export.exporter.pipeline import quantize_artifact
-from gemma_export.exporter.quantize import (
-    gguf_blocks,
-    dequantized_weights,
-    pack,
-    pack_zero_points,
-    quantize_blocks,
-    unpack,
-)
+from gemma_export.exporter.blocks import pack, pack_zero_points, quantize_blocks, unpack
+from gemma_export.exporter.gguf_blocks import gguf_blocks
+from gemma_export.exporter.quantize import dequantized_weights
 from gemma_export.exporter.verify import onnx_ragged_batch, onnx_teacher_forced, torch_greedy
 from gemma_export.models.load import load_model
 from gemma_export.runtime.session import DecoderSession
@@ -46,7 +41,7 @@ def test_block_quantization_error_bound(bits, symmetric):
 def test_rows_rounded_a_slab_at_a_time_equal_one_pass(monkeypatch, bits, symmetric):
     """quantize_blocks bounds its memory by rounding a few rows at a time; the codes must
     be those of rounding the whole matrix at once (5-row slabs over 23 rows: a short last one)."""
-    import gemma_export.exporter.quantize as q
+    import gemma_export.exporter.blocks as q
 
     w = np.random.default_rng(2).standard_normal((23, 128)).astype(np.float32)
     whole = quantize_blocks(w, bits, 32, symmetric)
@@ -364,7 +359,8 @@ def test_float_zero_points_become_integer_codes_plus_exact_offset():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from gemma_export.exporter.quantize import Blocks, _matmulnbits
+    from gemma_export.exporter.blocks import Blocks
+    from gemma_export.exporter.quantize import _matmulnbits
 
     rng = np.random.default_rng(3)
     n, kb, bs = 24, 4, 32

@@ -24,7 +24,22 @@ from onnx import helper, numpy_helper
 from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
 
 
+# Which rows of a packed MatMulNBits are whose: [(member's qweight initializer, rows), ...]
+# in row order. It is stored in the node's doc_string as PACKED_DOC + JSON, the encoding the
+# artifacts already carry (moving it would change model.onnx's bytes); `packed_rows` is the
+# one reader (quantize.dequantized_weights uses it) and `_set_packed_rows` the one writer.
 PACKED_DOC = "packed rows: "
+
+
+def packed_rows(node: onnx.NodeProto) -> list[tuple[str, int]] | None:
+    """The row map of a packed projection; None for any other node."""
+    if not node.doc_string.startswith(PACKED_DOC):
+        return None
+    return [(qweight, int(rows)) for qweight, rows in json.loads(node.doc_string[len(PACKED_DOC):])]
+
+
+def _set_packed_rows(node: onnx.NodeProto, members: list[tuple[str, int]]) -> None:
+    node.doc_string = PACKED_DOC + json.dumps([[qweight, rows] for qweight, rows in members])
 
 
 def _attrs(n: onnx.NodeProto) -> dict:
@@ -79,8 +94,7 @@ class PackProjectionsRule(Rule):
         packed = f"{scope}/packed_projection"
         mm = helper.make_node("MatMulNBits", [nodes[0].input[0], *names[: len(nodes[0].input) - 1]], [packed],
                               name=f"{scope}/PackedMatMulNBits", domain=MS_DOMAIN, **a)
-        # Which rows are whose (quantize.dequantized_weights reads it back).
-        mm.doc_string = PACKED_DOC + json.dumps([[n.input[1], k] for n, k in zip(nodes, ns)])
+        _set_packed_rows(mm, [(n.input[1], k) for n, k in zip(nodes, ns)])
         new = [
             mm,
             helper.make_node("Split", [packed, f"{packed}/split"], [n.output[0] for n in nodes],
