@@ -15,9 +15,9 @@ from typing import Any
 
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError
 from gemma_export.exporter import artifact as art
-from gemma_export.exporter.export import CAPACITY, DATA_FILE, MODEL_FILE, export_onnx, io_spec
+from gemma_export.exporter.export import DATA_FILE, MODEL_FILE, export_onnx, io_spec
 from gemma_export.exporter import narrow
-from gemma_export.exporter.optimize import SMALL, fill_from, optimize_graph
+from gemma_export.exporter.optimize import SMALL, Optimized, fill_from, optimize_graph
 from gemma_export.exporter.precision import Precision
 from gemma_export.exporter.quantize import RECIPES, Recipe, product_inputs, quantize_graph
 from gemma_export.exporter.verify import format_report, verify_artifact
@@ -100,27 +100,29 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
     except onnx.checker.ValidationError as e:  # e.g. a weights file with a second hard link
         raise ArtifactError(f"{src_model.parent}: cannot read the fp32 weights ({str(e).strip().splitlines()[0]})") from e
     extra: dict[str, Any] = {}
-    portable: list = []
+    optimized = Optimized()
     if isinstance(recipe, narrow.NarrowRecipe):
         keep = {}
         if calibration is not None:
             with progress.stage("calibrating fp16 ranges"):
                 keep = narrow.range_guard(src_model, proto, calibration())
-        fusions = optimize_graph(proto) if optimize else {}
+        if optimize:
+            optimized = optimize_graph(proto)
         summary = narrow.narrow_graph(proto, recipe, keep)
     else:
         moments = None
         if recipe.gptq:
             moments = _gptq_moments(src_model, proto, recipe, cfg, progress)
         summary = quantize_graph(proto, recipe, gguf_path, progress, moments)
-        fusions = optimize_graph(proto, cfg=cfg, portable=portable) if optimize else {}
+        if optimize:
+            optimized = optimize_graph(proto, cfg=cfg)
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=SMALL)
-    if _shares_cache(proto):
+    if optimized.shared_cache:
         # The fused graph's cache is one buffer per tensor (a contract change): the manifest
         # says so, and the contract-exact graph from just before the attention fusion ships
         # beside it, reading the same weights file.
-        onnx.save(fill_from(portable[0], proto), str(dst / PORTABLE_MODEL_FILE))
+        onnx.save(fill_from(optimized.portable, proto), str(dst / PORTABLE_MODEL_FILE))
         # CUDA runs the contract-exact graph: the shared-buffer GroupQueryAttention with an
         # attention_bias is verified on ONNX Runtime's CPU provider only.
         extra.update(kv_cache="shared", io=io_spec(cfg, kv_cache="shared"), portable_model_file=PORTABLE_MODEL_FILE,
@@ -129,7 +131,7 @@ def _quantize_into(src_model: Path, dst: Path, recipe: Recipe | narrow.NarrowRec
         # The same weights file, read by the graph that computes on CPU what CUDA computes.
         onnx.save(narrow.cpu_fallback_graph(proto), str(dst / narrow.CPU_MODEL_FILE))
         extra["provider_model_files"] = {"cpu": narrow.CPU_MODEL_FILE}
-    return summary, graph_summary(proto, fusions), extra
+    return summary, graph_summary(proto, optimized.fusions), extra
 
 
 def _gptq_moments(src_model: Path, proto, recipe: Recipe, cfg, progress: Progress):
@@ -183,7 +185,7 @@ def _finish_fp32(d: Path, optimize: bool) -> dict:
     proto = onnx.load(str(d / MODEL_FILE), load_external_data=False)
     fusions = {}
     if optimize:
-        fusions = optimize_graph(proto)
+        fusions = optimize_graph(proto).fusions
         onnx.save(proto, str(d / MODEL_FILE))
     return graph_summary(proto, fusions)
 
@@ -196,11 +198,6 @@ def _contrib_ops(op_types: dict[str, int]) -> list[str]:
 
 
 PORTABLE_MODEL_FILE = "model.portable.onnx"
-
-
-def _shares_cache(proto) -> bool:
-    past = next(i for i in proto.graph.input if i.name.startswith("past_key_values."))
-    return past.type.tensor_type.shape.dim[2].dim_param == CAPACITY
 
 
 def _write_side_files(d: Path, cfg, tok: bytes | None) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
+from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule, add_initializer, drop_unread_initializers
 
 
 # Which rows of a packed MatMulNBits are whose: [(member's qweight initializer, rows), ...]
@@ -85,9 +85,7 @@ class PackProjectionsRule(Rule):
                 stacked = stacked.reshape(sum(ns), *parts[0].shape[1:]) if parts[0].ndim == 2 else stacked.reshape(-1)
             else:
                 stacked = stacked.reshape(-1)
-            t = numpy_helper.from_array(stacked, names[slot - 1])
-            g.g.initializer.append(t)
-            g.inits[t.name] = t
+            add_initializer(g, numpy_helper.from_array(stacked, names[slot - 1]))
         a = _attrs(nodes[0])
         a["N"] = sum(ns)
         scope = nodes[0].name.rsplit("/", 2)[0]
@@ -100,19 +98,10 @@ class PackProjectionsRule(Rule):
             helper.make_node("Split", [packed, f"{packed}/split"], [n.output[0] for n in nodes],
                              name=f"{scope}/PackedSplit", axis=-1),
         ]
-        split = numpy_helper.from_array(np.array(ns, np.int64), f"{packed}/split")
-        g.g.initializer.append(split)
-        g.inits[split.name] = split
+        add_initializer(g, numpy_helper.from_array(np.array(ns, np.int64), f"{packed}/split"))
         old_inits = {x for n in nodes for x in n.input[1:]}
         g.replace(nodes, new, at=nodes[0])
-        still = {x for n in g.g.node for x in n.input}
-        # Delete in place: rebuilding the list would copy every initializer (the 84 MB
-        # embedding codes included) once per rewrite.
-        for idx in reversed(range(len(g.g.initializer))):
-            name = g.g.initializer[idx].name
-            if name in old_inits and name not in still:
-                del g.g.initializer[idx]
-        g.inits = {t.name: t for t in g.g.initializer}
+        drop_unread_initializers(g, old_inits)
 
 
 def _common_prefix(names: list[str]) -> str:
