@@ -50,8 +50,7 @@ ROWS_AT_ONCE = 1 << 22  # elements of W rounded per pass: the temporaries stay ~
 def quantize_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Blocks:
     """Round-to-nearest block quantization of w [N, K] along K. Rows are independent, so
     they are rounded a slab at a time: a 262144 x 640 embedding would otherwise hold
-    several fp32 temporaries of its own size at once (measured: int8 quantize of the 270M
-    peaked at 3.9 GB RSS, for a 1.08 GB model)."""
+    several fp32 temporaries of its own size at once (peak RSS: docs/design.md)."""
     n, k = w.shape
     kb = _block_count(k, block_size)
     codes = np.empty((n, kb, block_size), np.uint8)

@@ -10,7 +10,7 @@ left padding exactly as models/gemma.py writes them. Fusions for ONNX Runtime
 (SimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention, ...) are rewrites
 on top of this graph (exporter/optimize.py), never a different trace.
 
-After tracing, three rewrites make the graph match DESIGN.md's contract:
+After tracing, three rewrites make the graph match docs/design.md's contract:
   1. I/O dims get the contract's names (batch_size, sequence_length, ...).
   2. The tied LM head reads the one embedding initializer through Gemm(transB=1); the
      exporter emits MatMul(Transpose(W)), which ONNX Runtime would constant-fold into a

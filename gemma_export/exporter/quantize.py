@@ -9,8 +9,8 @@ Recipes (each records itself and its parameters in the manifest):
   int4   block-wise int4, asymmetric by default (symmetric selectable), same coverage;
          GPTQ rounding of the decoder's products by default (`gptq_blocks`, calibrated on
          text the model samples), round to nearest for the tied embedding / LM head.
-         On Gemma 3 270M (round to nearest) asymmetric keeps 65% corpus top-1 agreement where
-         symmetric keeps 54%; GPTQ takes asymmetric to 67%.
+         Asymmetric and GPTQ because each keeps more corpus top-1 agreement on Gemma 3
+         270M (measured in docs/design.md).
   gguf   the blocks a GGUF source already holds (Q8_0, Q5_0, Q6_K, Q4_K), carried into
          MatMulNBits / GatherBlockQuantized without a second rounding: the artifact
          computes what the GGUF computes. Re-rounding already-quantized weights onto

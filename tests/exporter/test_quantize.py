@@ -1,7 +1,7 @@
 """Quantization recipes: the pure math, the GGUF block decoders against gguf's own
 dequantizer, the graph rewrite against a PyTorch model holding the same dequantized
 weights (so implementation error is separated from quantization error), the tied
-embedding stored once, and the real Gemma 3 270M against DESIGN.md's thresholds."""
+embedding stored once, and the real Gemma 3 270M against docs/design.md's thresholds."""
 
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def real_quantized(real_artifact, tmp_path_factory, real_ckpt):
 INT4_MISS = (
     "Known miss, measured: int4 (block 32, asymmetric, GPTQ body, round-to-nearest tied head) keeps "
     "67% corpus top-1 agreement with fp32 on Gemma 3 270M (perplexity +35%; round to nearest: 65%, "
-    "+42%), below DESIGN.md's 90% / +15%. The tied head alone at int4 drops it to 82% whatever the "
+    "+42%), below docs/design.md's 90% / +15%. The tied head alone at int4 drops it to 82% whatever the "
     "rounding (RTN, MSE clipping, AWQ scaling, GPTQ: 80-82%). The gguf recipe (the file's own "
     "4/5/6/8-bit blocks) passes instead. strict: this fails the day int4 passes, so the note gets updated."
 )
@@ -299,7 +299,7 @@ INT4_MISS = (
 
 BF16_MISS = (
     "Known miss, measured: bf16 products (fp16 tied embedding / LM head, everything else that sets "
-    "the range fp32) keep 98.9% corpus top-1 agreement with fp32 on Gemma 3 270M, under DESIGN.md's "
+    "the range fp32) keep 98.9% corpus top-1 agreement with fp32 on Gemma 3 270M, under docs/design.md's "
     "99% (logits rel L2 0.007, teacher-forced greedy 99.0%, perplexity unchanged). bf16's 8-bit mantissa on every "
     "product's input and output is the cost; fp16 (11 bits) keeps 99.5%. strict: update when it passes."
 )
