@@ -44,8 +44,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gemma_export.errors import ExportError
-from gemma_export.exporter.blocks import Blocks, gptq_factor, gptq_with_factor, pack, pack_zero_points, \
-    quantize_blocks, unpack
+from gemma_export.exporter.blocks import (
+    Blocks,
+    gptq_factor,
+    gptq_with_factor,
+    pack,
+    pack_zero_points,
+    quantize_blocks,
+    unpack,
+)
 from gemma_export.exporter.gguf_blocks import gguf_blocks
 from gemma_export.exporter.rewrites import MS_DOMAIN, ensure_ms_opset
 from gemma_export.exporter.rewrites.pack_projections import packed_rows
@@ -81,9 +88,6 @@ RECIPES = {
     "int4": Recipe("int4", bits=4, block_size=32, symmetric=False, accuracy_level=4, gptq=True),
     "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4),
 }
-
-
-# -- quantization math (pure) ------------------------------------------------------------------
 
 
 class _Source:
