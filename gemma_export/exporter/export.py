@@ -39,7 +39,7 @@ import torch
 from onnx import TensorProto, helper
 
 from gemma_export.contract import (
-    BATCH, DATA_FILE, EMBED_WEIGHT, KEEP_INPUT, MODEL_FILE, PAST, SEQ, TOTAL, input_names, io_spec, output_names,
+    DATA_FILE, EMBED_WEIGHT, KEEP_INPUT, MODEL_FILE, input_names, io_spec, output_names,
 )
 from gemma_export.errors import ExportError
 from gemma_export.models.config import GemmaConfig

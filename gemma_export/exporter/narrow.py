@@ -69,7 +69,7 @@ class NarrowRecipe:
     def head_dtype(self) -> int:
         """The tied embedding / LM head is fp16 in both recipes: bf16 logits are spaced
         0.125 apart at |logit| 16-32, and that rounding alone flips Gemma 3 270M's greedy
-        token often enough to fail DESIGN.md's 99% (measured: 96.8% corpus top-1 with a
+        token often enough to fail docs/design.md's 99% (measured: 96.8% corpus top-1 with a
         bf16 head, 99.1% with a wider one). Logits and the normalized hidden state that
         feeds the head sit far inside fp16's range, which range_guard checks."""
         return TensorProto.FLOAT16

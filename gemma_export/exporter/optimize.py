@@ -1,19 +1,22 @@
-"""Graph rewrites for ONNX Runtime, applied in a fixed order; each reports how often it
-fired. The rules live one per file in exporter/rewrites/ (pattern, a check that says why
-a candidate did not match, rewrite).
+"""Applies the graph rewrites for ONNX Runtime in a fixed order and reports what it made;
+also the skeleton copy that lets the pipeline save the pre-fusion graph beside the fused one.
+The rules live one per file in exporter/rewrites/ (pattern, a check that says why a
+candidate did not match, rewrite).
 
-    optimize_graph(proto) -> {"rms_norm": 37, "skip_rms_norm": 24, "gelu_tanh": 6}
+    optimize_graph(proto).fusions -> {"rms_norm": 37, "skip_rms_norm": 24, "gelu_tanh": 6}
 
 Order matters: skip_rms_norm fuses the residual Add into norms that rms_norm made.
-The rewritten graph keeps the I/O contract, except that the attention fusion (integer
-recipes) moves the KV cache to shared buffers (io_spec's "shared" variant; the pipeline
-ships the graph from before it as model.portable.onnx). It uses ONNX Runtime's contrib ops,
-so the manifest lists them, and `--no-optimize` keeps the portable plain-op graph.
+The rewritten graph keeps the I/O contract, except that, given the config (integer
+recipes), the attention fusion is followed by the shared-cache pass, which moves the KV
+cache to shared buffers (io_spec's "shared" variant; the pipeline ships the graph from
+before the attention fusion as model.portable.onnx). The fused graph uses ONNX Runtime's
+contrib ops, so the manifest lists them, and `--no-optimize` keeps the portable plain-op graph.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -23,6 +26,7 @@ from gemma_export.exporter.rewrites.attention import AttentionRule
 from gemma_export.exporter.rewrites.pack_projections import PackProjectionsRule
 from gemma_export.exporter.rewrites.gelu import GeluRule
 from gemma_export.exporter.rewrites.rms_norm import RMSNormRule
+from gemma_export.exporter.rewrites.shared_cache import share_kv_cache
 from gemma_export.exporter.rewrites.skip_rms_norm import SkipRMSNormRule
 
 RULES: tuple[Rule, ...] = (RMSNormRule(), SkipRMSNormRule(), GeluRule())
@@ -47,25 +51,33 @@ def apply_rule(g: Graph, rule: Rule) -> tuple[int, dict[str, int]]:
     return fired, reasons
 
 
-def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES, cfg=None,
-                   portable: list | None = None) -> dict[str, int]:
+@dataclass
+class Optimized:
+    """What optimize_graph made of a graph (rewritten in place)."""
+
+    fusions: dict[str, int] = field(default_factory=dict)  # rule name -> times it fired (manifest graph.fusions)
+    # The graph just before the attention fusion, as a `skeleton` (given the config; else None):
+    # the contract-exact sibling the artifact ships next to the fused graph.
+    portable: onnx.ModelProto | None = None
+    shared_cache: bool = False  # the KV cache became one buffer per tensor (rewrites/shared_cache.py)
+
+
+def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES, cfg=None) -> Optimized:
     """Apply `rules`, then (given the model's config: the integer recipes) the stacking of
-    projections that share an input and the attention fusion, which also moves the KV
-    cache to shared buffers (a contract change). With a `portable` list, the graph just
-    before the attention fusion is appended to it, as a skeleton (`skeleton`): the
-    contract-exact sibling the artifact ships next to the fused graph."""
+    projections that share an input, the attention fusion and the shared-cache pass (a
+    contract change)."""
     extra = (PackProjectionsRule(),) if cfg is not None else ()
     g = Graph(proto)
-    counts = {}
+    out = Optimized()
     for rule in (*rules, *extra):
-        counts[rule.name], _ = apply_rule(g, rule)
+        out.fusions[rule.name], _ = apply_rule(g, rule)
     ensure_ms_opset(proto)  # before the skeleton, which uses the contrib ops too
     if cfg is not None:
-        if portable is not None:
-            portable.append(skeleton(proto))
+        out.portable = skeleton(proto)
         rule = AttentionRule(cfg)
-        counts[rule.name], _ = apply_rule(g, rule)
-    return counts
+        out.fusions[rule.name], _ = apply_rule(g, rule)
+        out.shared_cache = out.fusions[rule.name] > 0 and share_kv_cache(g, cfg)
+    return out
 
 
 SMALL = 1024  # bytes: initializers this small stay inline (onnx.save's size_threshold in pipeline)
@@ -80,8 +92,8 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     s.opset_import.extend(proto.opset_import)
     s.producer_name, s.producer_version = proto.producer_name, proto.producer_version
     s.graph.name = proto.graph.name
-    for field in ("node", "input", "output", "value_info"):
-        getattr(s.graph, field).extend(getattr(proto.graph, field))
+    for part in ("node", "input", "output", "value_info"):
+        getattr(s.graph, part).extend(getattr(proto.graph, part))
     for t in proto.graph.initializer:
         if _goes_external(t):
             s.graph.initializer.add(name=t.name)  # placeholder: filled from the saved fused graph

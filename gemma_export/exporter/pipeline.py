@@ -45,9 +45,9 @@ def tokenizer_bytes(ckpt: Checkpoint) -> bytes | None:
     return ts.preset_tokenizer(ckpt.config.vocab_size)
 
 
-def _calibration_ids(vocab_size: int, encode) -> "np.ndarray":
+def _calibration_ids(vocab_size: int, encode):
     """Tokens for fp16's range guard: the start of the shipped text when there is a
-    tokenizer, seeded random ids otherwise."""
+    tokenizer, seeded random ids otherwise: int64 [1, T]."""
     import numpy as np
 
     if encode is not None:

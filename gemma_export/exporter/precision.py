@@ -20,7 +20,7 @@ class Thresholds:
     # 1.0 means every greedy token identical.
     top1_agreement: float
     # Self-consistency of the ONNX graph (prefill+decode vs one forward, batch vs alone),
-    # as relative L2 between the two ONNX results. None where DESIGN.md judges logits by
+    # as relative L2 between the two ONNX results. None where docs/design.md judges logits by
     # top-1 agreement alone (int8, int4, gguf): MatMulNBits quantizes activations per call,
     # so one token (M=1) and a whole prompt (M=S) round differently (~2-3% rel L2 on the
     # 270M); there the two paths must instead agree on top-1 as often as top1_agreement asks.

@@ -1,6 +1,7 @@
-"""Weight-only quantization recipes: pure transformations of the fp32 artifact.
+"""Weight-only quantization recipes and the graph rewrite that applies them to an fp32 graph.
 
-    quantize_artifact(src_dir, out_dir, recipe)
+    quantize_graph(proto, recipe, gguf_path, progress, moments) -> summary   (in place)
+    dequantized_weights(proto) -> {checkpoint name: fp32 [N, K]}             (reading it back)
 
 Recipes (each records itself and its parameters in the manifest):
   int8   block-wise int8 (round to nearest), symmetric; every MatMul, the LM head and the
@@ -8,8 +9,8 @@ Recipes (each records itself and its parameters in the manifest):
   int4   block-wise int4, asymmetric by default (symmetric selectable), same coverage;
          GPTQ rounding of the decoder's products by default (`gptq_blocks`, calibrated on
          text the model samples), round to nearest for the tied embedding / LM head.
-         On Gemma 3 270M (round to nearest) asymmetric keeps 65% corpus top-1 agreement where
-         symmetric keeps 54%; GPTQ takes asymmetric to 67%.
+         Asymmetric and GPTQ because each keeps more corpus top-1 agreement on Gemma 3
+         270M (measured in docs/design.md).
   gguf   the blocks a GGUF source already holds (Q8_0, Q5_0, Q6_K, Q4_K), carried into
          MatMulNBits / GatherBlockQuantized without a second rounding: the artifact
          computes what the GGUF computes. Re-rounding already-quantized weights onto
@@ -25,13 +26,14 @@ The tied embedding is quantized once: the gather and the LM head read the same `
 initializer (only the small scale tensors differ in shape). Everything else (norms,
 softmax, residual stream, RoPE) stays fp32.
 
-The quantization math is pure numpy functions below, apart from the graph rewrite.
+The block math is exporter/blocks.py (pure numpy), the GGUF block decoders
+exporter/gguf_blocks.py; this module owns the recipes, where each weight's blocks come
+from, and the graph rewrite.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -41,11 +43,22 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from gemma_export.contract import EMBED_WEIGHT
 from gemma_export.errors import ExportError
+from gemma_export.exporter.blocks import (
+    Blocks,
+    gptq_factor,
+    gptq_with_factor,
+    pack,
+    pack_zero_points,
+    quantize_blocks,
+    unpack,
+)
+from gemma_export.exporter.gguf_blocks import gguf_blocks
 from gemma_export.exporter.rewrites import MS_DOMAIN, ensure_ms_opset
-from gemma_export.exporter.rewrites.pack_projections import PACKED_DOC
+from gemma_export.exporter.rewrites.pack_projections import packed_rows
+from gemma_export.models.gguf_names import gguf_name
 
-EMBED = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -75,232 +88,6 @@ RECIPES = {
     "int4": Recipe("int4", bits=4, block_size=32, symmetric=False, accuracy_level=4, gptq=True),
     "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4),
 }
-
-
-# -- quantization math (pure) ------------------------------------------------------------------
-
-
-@dataclass
-class Blocks:
-    """W[N, K] as codes [N, kb, bs] (uint8, each < 2**bits), scales [N, kb] fp32 and zero
-    points [N, kb] (uint8, or fp32 for GGUF K-quants): W = scales * (codes - zero_points)."""
-
-    codes: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray
-    bits: int
-
-    @property
-    def block_size(self) -> int:
-        return self.codes.shape[2]
-
-    def dequantize(self) -> np.ndarray:
-        w = (self.codes.astype(np.float32) - self.zero_points.astype(np.float32)[..., None]) * self.scales[..., None]
-        return w.reshape(self.codes.shape[0], -1)
-
-    @property
-    def default_zero_point(self) -> bool:
-        """MatMulNBits' implicit zero point (2**(bits-1)) everywhere: the input can be omitted."""
-        zp = self.zero_points
-        return zp.dtype == np.uint8 and bool(np.all(zp == 2 ** (self.bits - 1)))
-
-
-ROWS_AT_ONCE = 1 << 22  # elements of W rounded per pass: the temporaries stay ~16 MB each
-
-
-def quantize_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Blocks:
-    """Round-to-nearest block quantization of w [N, K] along K. Rows are independent, so
-    they are rounded a slab at a time: a 262144 x 640 embedding would otherwise hold
-    several fp32 temporaries of its own size at once (measured: int8 quantize of the 270M
-    peaked at 3.9 GB RSS, for a 1.08 GB model)."""
-    n, k = w.shape
-    kb = _block_count(k, block_size)
-    codes = np.empty((n, kb, block_size), np.uint8)
-    scales = np.empty((n, kb), np.float32)
-    zps = np.empty((n, kb), np.uint8)
-    step = max(1, ROWS_AT_ONCE // k)
-    for r0 in range(0, n, step):
-        x = _as_blocks(w[r0:r0 + step], block_size)
-        s, z = _block_params(x, bits, symmetric)
-        codes[r0:r0 + step], scales[r0:r0 + step], zps[r0:r0 + step] = _round(x, s[..., None], z[..., None], bits), s, z
-    return Blocks(codes, scales, zps, bits)
-
-
-def _as_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
-    n, k = w.shape
-    return w.astype(np.float32).reshape(n, _block_count(k, block_size), block_size)
-
-
-def _block_count(k: int, block_size: int) -> int:
-    if k % block_size:
-        raise ExportError(f"K={k} is not a multiple of block size {block_size}")
-    return k // block_size
-
-
-def _block_params(x: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scales (fp32) and uint8 zero points for blocks x [..., bs].
-
-    Symmetric: codes in [0, qmax] around the midpoint 2**(bits-1), the scale mapping the
-    largest |w| to -2**(bits-1) (the wider negative side), as MatMulNBits' default.
-    Asymmetric: [min(w, 0), max(w, 0)] spread over [0, qmax] with an integer zero point."""
-    qmax = 2**bits - 1
-    if symmetric:
-        mid = 2 ** (bits - 1)
-        scales = (np.abs(x).max(-1) / mid).astype(np.float32)
-        return scales, np.full(scales.shape, mid, np.uint8)
-    lo = np.minimum(x.min(-1), 0.0)
-    hi = np.maximum(x.max(-1), 0.0)
-    scales = ((hi - lo) / qmax).astype(np.float32)
-    safe = np.where(scales == 0, 1.0, scales)
-    return scales, np.clip(np.rint(-lo / safe), 0, qmax).astype(np.uint8)
-
-
-def _round(x: np.ndarray, scales: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
-    """Nearest codes for x given broadcastable scales and zero points."""
-    safe = np.where(scales == 0, 1.0, scales)
-    return np.clip(np.rint(x / safe) + zp, 0, 2**bits - 1).astype(np.uint8)
-
-
-def gptq_blocks(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
-                damp: float = 0.01) -> Blocks:
-    """GPTQ (Frantar et al., 2022) block quantization of w [N, K] along K, for inputs whose
-    second moment is h = sum x x^T [K, K].
-
-    Columns are rounded one at a time, left to right; each one's rounding error, divided
-    by the diagonal of the Cholesky factor of H^-1, is spread over the columns not yet
-    rounded, so that x . w moves as little as possible on inputs like the calibration's
-    (RTN minimises the error of w itself). A block's scale and zero point are taken, as
-    in RTN, from its columns as they stand when the block is reached. `damp` adds that
-    fraction of H's mean diagonal to H (numerical safety; input channels that never fire
-    get weight error nobody sees).
-    """
-    return gptq_with_factor(w, gptq_factor(h, damp), bits, block_size, symmetric)
-
-
-def gptq_factor(h: np.ndarray, damp: float = 0.01) -> np.ndarray:
-    """U, the upper Cholesky factor of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U): row i
-    holds how column i's error moves the columns after it. One per input, shared by the
-    products that read it (q/k/v, gate/up)."""
-    k = h.shape[0]
-    H = np.array(h, np.float64, copy=True)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
-    hinv = np.linalg.inv(np.linalg.cholesky(H))
-    return np.linalg.cholesky(hinv.T @ hinv).T
-
-
-def gptq_with_factor(w: np.ndarray, U: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Blocks:
-    """`gptq_blocks` given its input's factor U (`gptq_factor`)."""
-    n, k = w.shape
-    kb = _block_count(k, block_size)
-    W = w.astype(np.float64)
-    codes = np.empty((n, k), np.uint8)
-    scales = np.empty((n, kb), np.float32)
-    zps = np.empty((n, kb), np.uint8)
-    for b0 in range(0, k, block_size):
-        b1 = b0 + block_size
-        s, z = _block_params(W[:, b0:b1].astype(np.float32), bits, symmetric)
-        scales[:, b0 // block_size], zps[:, b0 // block_size] = s, z
-        err = np.empty((n, block_size))
-        for i in range(b0, b1):
-            q = _round(W[:, i], s, z, bits)
-            codes[:, i] = q
-            e = (W[:, i] - (q.astype(np.float64) - z) * s) / U[i, i]
-            W[:, i + 1:b1] -= np.outer(e, U[i, i + 1:b1])
-            err[:, i - b0] = e
-        W[:, b1:] -= err @ U[b0:b1, b1:]  # the block's errors, carried onto the rest at once
-    return Blocks(codes.reshape(n, kb, block_size), scales, zps, bits)
-
-
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """[..., bs] codes -> [..., bs * bits / 8] bytes; 4-bit: element 2i in the low nibble."""
-    if bits == 8:
-        return np.ascontiguousarray(codes, dtype=np.uint8)
-    assert bits == 4 and codes.shape[-1] % 2 == 0
-    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4), dtype=np.uint8)
-
-
-def pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits' uint8 zero points [N, kb] -> [N * ceil(kb * bits / 8)]."""
-    if bits == 8:
-        return zp.reshape(-1)
-    n, kb = zp.shape
-    if kb % 2:
-        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-    return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
-
-
-# -- GGUF blocks (pure) ------------------------------------------------------------------------
-
-
-def gguf_blocks(raw: np.ndarray, qtype: str, n: int, k: int) -> Blocks | None:
-    """The GGUF tensor's own blocks as Blocks (None for a type we do not carry).
-    `raw` is the tensor's bytes (uint8), rows of K values along which blocks run."""
-    b = raw.reshape(-1)
-    if qtype == "Q8_0":  # 34 bytes / 32: fp16 d, int8 x; w = d * x
-        blk = b.reshape(-1, 34)
-        d = blk[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
-        x = blk[:, 2:].copy().view(np.int8).astype(np.int16)
-        codes = (x + 128).astype(np.uint8).reshape(n, k // 32, 32)
-        return Blocks(codes, d.reshape(n, -1), np.full((n, k // 32), 128, np.uint8), 8)
-    if qtype == "Q5_0":  # 22 bytes / 32: fp16 d, 4 bytes high bits, 16 bytes nibbles; w = d*(q-16)
-        blk = b.reshape(-1, 22)
-        d = blk[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
-        qh = blk[:, 2:6].copy().view(np.uint32)[:, 0]
-        qs = blk[:, 6:]
-        lo = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # elements 0..15 low nibbles, 16..31 high
-        hi = ((qh[:, None] >> np.arange(32, dtype=np.uint32)[None]) & 1).astype(np.uint8)
-        codes = (lo | (hi << 4)).astype(np.uint8).reshape(n, k // 32, 32)
-        return Blocks(codes, d.reshape(n, -1), np.full((n, k // 32), 16, np.uint8), 8)
-    if qtype == "Q6_K":  # 210 bytes / 256: ql 128, qh 64, int8 scales 16, fp16 d; w = d*sc*(q-32)
-        blk = b.reshape(-1, 210)
-        ql, qh = blk[:, :128], blk[:, 128:192]
-        sc = blk[:, 192:208].copy().view(np.int8).astype(np.float32)
-        d = blk[:, 208:210].copy().view(np.float16).astype(np.float32)
-        ql = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
-        ql = ql.reshape(-1, 2, 128)
-        qh = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
-        qh = qh.reshape(-1, 2, 128)
-        q = (ql | (qh << 4)).astype(np.uint8).reshape(-1, 16, 16)
-        return Blocks(q.reshape(n, k // 16, 16), (d * sc).reshape(n, -1), np.full((n, k // 16), 32, np.uint8), 8)
-    if qtype == "Q4_K":  # 144 bytes / 256: fp16 d, dmin, 12 bytes 6-bit scales/mins, 128 nibbles
-        blk = b.reshape(-1, 144)
-        d = blk[:, 0:2].copy().view(np.float16).astype(np.float32)
-        dmin = blk[:, 2:4].copy().view(np.float16).astype(np.float32)
-        s = blk[:, 4:16].reshape(-1, 3, 4)
-        sd, sm, smd = s[:, 0], s[:, 1], s[:, 2]
-        sc = np.concatenate([sd & 0x3F, (smd & 0x0F) | ((sd >> 2) & 0x30)], axis=-1).astype(np.float32)
-        mn = np.concatenate([sm & 0x3F, (smd >> 4) | ((sm >> 2) & 0x30)], axis=-1).astype(np.float32)
-        qs = blk[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 0x0F).reshape(-1, 8, 32).astype(np.uint8)
-        scale = d * sc  # (nb, 8)
-        dm = dmin * mn
-        # w = scale*q - dm = scale*(q - dm/scale): a float zero point. A sub-block with
-        # scale 0 is the constant -dm, which no zero point can express; there we keep
-        # zp = 0 (w = 0), counted and reported by the caller.
-        zp = np.where(scale != 0, dm / np.where(scale == 0, 1.0, scale), 0.0).astype(np.float32)
-        return Blocks(q.reshape(n, k // 32, 32), scale.reshape(n, -1), zp.reshape(n, -1), 4)
-    return None
-
-
-# -- the graph rewrite ---------------------------------------------------------------------------
-
-# Artifact weight name -> GGUF tensor name (inverse of models/load.py's table).
-_GGUF_PARTS = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(weight: str) -> str | None:
-    if weight == EMBED:
-        return "token_embd.weight"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.MatMul\.weight", weight)
-    if m and m.group(2) in _GGUF_PARTS:
-        return f"blk.{m.group(1)}.{_GGUF_PARTS[m.group(2)]}.weight"
-    return None
 
 
 class _Source:
@@ -335,7 +122,7 @@ class _Source:
                 self.gptq_products += 1
                 return gptq_with_factor(w_nk, self.factors[input_name], r.bits, r.block_size, r.symmetric)
             return quantize_blocks(w_nk, r.bits, r.block_size, r.symmetric)
-        gname = gguf_name(name)
+        gname = gguf_name(name.replace(".MatMul.weight", ".weight"))  # artifact name -> checkpoint name
         t = self.tensors.get(gname) if gname else None
         if t is None:
             raise ExportError(f"--precision gguf: no GGUF tensor for {name}")
@@ -405,7 +192,7 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
     summary = {"matmuls": 0, "lm_head": False, "embedding": False, "bits": {}}
     embed_blocks: Blocks | None = None
     targets = sum(_kind(n, inits) is not None for n in g.node)
-    embed_weight = partial(_array, inits, EMBED)  # [V, H] = [N, K] already; read only if asked
+    embed_weight = partial(_array, inits, EMBED_WEIGHT)  # [V, H] = [N, K] already; read only if asked
     done = 0
     for node in g.node:
         kind = _kind(node, inits)
@@ -420,11 +207,11 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             summary["matmuls"] += 1
             summary["bits"][wname] = [b.bits, b.block_size]
         elif kind == "lm_head":
-            embed_blocks = embed_blocks or src.blocks(EMBED, tuple(inits[EMBED].dims), embed_weight)
+            embed_blocks = embed_blocks or src.blocks(EMBED_WEIGHT, tuple(inits[EMBED_WEIGHT].dims), embed_weight)
             nodes.extend(_lm_head(node, embed_blocks, new_inits, recipe.accuracy_level))
             summary["lm_head"] = True
         elif kind == "embedding":
-            embed_blocks = embed_blocks or src.blocks(EMBED, tuple(inits[EMBED].dims), embed_weight)
+            embed_blocks = embed_blocks or src.blocks(EMBED_WEIGHT, tuple(inits[EMBED_WEIGHT].dims), embed_weight)
             nodes.extend(_embedding(node, embed_blocks, new_inits))
             summary["embedding"] = True
         else:
@@ -435,9 +222,9 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             progress.count("quantizing", done, targets)
     if not (summary["lm_head"] and summary["embedding"]):
         raise ExportError("the graph's tied embedding (Gather + Gemm) was not found; is this an fp32 artifact?")
-    drop.add(EMBED)
+    drop.add(EMBED_WEIGHT)
     if embed_blocks is not None:
-        summary["bits"][EMBED] = [embed_blocks.bits, embed_blocks.block_size]
+        summary["bits"][EMBED_WEIGHT] = [embed_blocks.bits, embed_blocks.block_size]
     kept = [i for i in g.initializer if i.name not in drop]
     del g.initializer[:]
     g.initializer.extend(kept + new_inits)  # the embedding's codes are written once, by _lm_head
@@ -469,9 +256,9 @@ def _kind(node: onnx.NodeProto, inits) -> str | None:
     """Which rewrite a node gets: a weight MatMul, the tied LM head, the embedding gather."""
     if node.op_type == "MatMul" and node.input[1] in inits and node.input[1].endswith(".MatMul.weight"):
         return "matmul"
-    if node.op_type == "Gemm" and node.input[1] == EMBED:
+    if node.op_type == "Gemm" and node.input[1] == EMBED_WEIGHT:
         return "lm_head"
-    if node.op_type == "Gather" and node.input[0] == EMBED:
+    if node.op_type == "Gather" and node.input[0] == EMBED_WEIGHT:
         return "embedding"
     return None
 
@@ -507,19 +294,6 @@ def _embedding(node: onnx.NodeProto, b: Blocks, inits: list) -> list[onnx.NodePr
     ]
 
 
-# -- reading a quantized graph back (for checks) -------------------------------------------------
-
-
-def unpack(packed: np.ndarray, bits: int, block_size: int) -> np.ndarray:
-    """Inverse of `pack`: [N, kb, blob] bytes -> [N, kb, bs] codes."""
-    if bits == 8:
-        return packed
-    out = np.empty(packed.shape[:-1] + (block_size,), np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out
-
-
 def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Checkpoint-named fp32 weights [N, K] that the MatMulNBits nodes of `proto` compute
     with, e.g. {"model.layers.0.self_attn.q_proj.weight": ..., "model.embed_tokens.weight": ...}.
@@ -544,10 +318,7 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
             zp = np.full((n, kb), 2 ** (bits - 1), np.uint8)
         w = Blocks(codes, scales, zp, bits).dequantize()
         # A packed projection (rewrites/pack_projections) holds several weights' rows.
-        if node.doc_string.startswith(PACKED_DOC):
-            members = json.loads(node.doc_string[len(PACKED_DOC):])
-        else:
-            members = [[node.input[1], n]]
+        members = packed_rows(node) or [(node.input[1], n)]
         start = 0
         for qweight, rows in members:
             part, start = w[start:start + rows], start + rows

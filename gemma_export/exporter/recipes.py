@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from gemma_export.contract import (
-    CAPACITY, CPU_MODEL_FILE, DATA_FILE, MODEL_FILE, PAST_PREFIX, PORTABLE_MODEL_FILE, KVLayout, Precision, io_spec,
+    CPU_MODEL_FILE, DATA_FILE, MODEL_FILE, PORTABLE_MODEL_FILE, KVLayout, Precision, io_spec,
 )
 from gemma_export.errors import ArtifactError, UsageError
 from gemma_export.exporter import narrow
-from gemma_export.exporter.optimize import SMALL, fill_from, optimize_graph
+from gemma_export.exporter.optimize import SMALL, Optimized, fill_from, optimize_graph
 from gemma_export.exporter.quantize import RECIPES, Recipe, product_inputs, quantize_graph
 from gemma_export.progress import Progress
 
@@ -119,7 +119,7 @@ class Fp32Recipe:
         proto = onnx.load(str(job.fp32_model), load_external_data=False)
         fusions = {}
         if job.optimize:
-            fusions = optimize_graph(proto)
+            fusions = optimize_graph(proto).fusions
             onnx.save(proto, str(job.fp32_model))
         return Made(graph=graph_summary(proto, fusions), kept_fp32=["everything"])
 
@@ -146,7 +146,7 @@ class NarrowArtifactRecipe:
         if job.calibration is not None:
             with job.progress.stage("calibrating fp16 ranges"):
                 keep = narrow.range_guard(job.fp32_model, proto, job.calibration())
-        fusions = optimize_graph(proto) if job.optimize else {}
+        fusions = optimize_graph(proto).fusions if job.optimize else {}
         summary = narrow.narrow_graph(proto, self.params, keep)
         _save(proto, job.dst)
         onnx.save(narrow.cpu_fallback_graph(proto), str(job.dst / CPU_MODEL_FILE))
@@ -177,20 +177,19 @@ class IntegerRecipe:
         proto = _load(job.fp32_model)
         moments = _gptq_moments(job, proto, self.params) if self.params.gptq else None
         summary = quantize_graph(proto, self.params, job.gguf_path, job.progress, moments)
-        portable: list = []
-        fusions = optimize_graph(proto, cfg=job.cfg, portable=portable) if job.optimize else {}
+        optimized = optimize_graph(proto, cfg=job.cfg) if job.optimize else Optimized()
         _save(proto, job.dst)
         fields: dict[str, Any] = {}
-        if _shares_cache(proto):
+        if optimized.shared_cache:
             # The fused graph's cache is one buffer per tensor (a contract change): the
             # manifest says so, and the contract-exact graph from just before the attention
             # fusion ships beside it. CUDA runs that one: the shared-buffer
             # GroupQueryAttention with an attention_bias is verified on the CPU provider only.
-            onnx.save(fill_from(portable[0], proto), str(job.dst / PORTABLE_MODEL_FILE))
+            onnx.save(fill_from(optimized.portable, proto), str(job.dst / PORTABLE_MODEL_FILE))
             fields = {"kv_cache": KVLayout.SHARED, "io": io_spec(job.cfg, kv_cache=KVLayout.SHARED),
                       "portable_model_file": PORTABLE_MODEL_FILE,
                       "provider_model_files": {"cuda": PORTABLE_MODEL_FILE}}
-        return Made(graph=graph_summary(proto, fusions), kept_fp32=KEPT_FP32_QUANTIZED, summary=summary,
+        return Made(graph=graph_summary(proto, optimized.fusions), kept_fp32=KEPT_FP32_QUANTIZED, summary=summary,
                     fields=fields)
 
 
@@ -208,11 +207,6 @@ def _save(proto, dst: Path) -> None:
 
     onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=SMALL)
-
-
-def _shares_cache(proto) -> bool:
-    past = next(i for i in proto.graph.input if i.name.startswith(PAST_PREFIX + "."))
-    return past.type.tensor_type.shape.dim[2].dim_param == CAPACITY
 
 
 def _gptq_moments(job: Job, proto, recipe: Recipe):

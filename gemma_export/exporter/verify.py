@@ -16,14 +16,13 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from gemma_export.contract import CORPUS
-from gemma_export.exporter.precision import THRESHOLDS, Precision
+from gemma_export.exporter.precision import THRESHOLDS
 from gemma_export.models.gemma import GemmaForCausalLM
 from gemma_export.progress import NULL, Progress
 from gemma_export.runtime.session import DecoderSession

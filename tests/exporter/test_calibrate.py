@@ -13,7 +13,9 @@ from gemma_export.errors import UsageError
 from gemma_export.exporter.calibrate import InputMoments, empty_past, fp32_session, run_fed, sample_tokens
 from gemma_export.exporter.recipes import RecipeOptions
 from gemma_export.exporter.pipeline import quantize_artifact
-from gemma_export.exporter.quantize import EMBED, dequantized_weights, gptq_blocks, product_inputs, quantize_blocks
+from gemma_export.exporter.blocks import gptq_blocks, quantize_blocks
+from gemma_export.contract import EMBED_WEIGHT as EMBED
+from gemma_export.exporter.quantize import dequantized_weights, product_inputs
 
 
 def _correlated_inputs(k: int, rows: int = 4096, seed: int = 0) -> np.ndarray:

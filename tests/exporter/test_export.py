@@ -14,7 +14,7 @@ from gemma_export.contract import BATCH, PAST, SEQ, TOTAL
 from gemma_export.runtime.session import DecoderSession
 from tests.conftest import TINY
 
-# The contract of DESIGN.md, written out here independently of exporter.io_spec.
+# The contract of docs/design.md, written out here independently of exporter.io_spec.
 _ELEM = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
 
 

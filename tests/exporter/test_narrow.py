@@ -1,6 +1,6 @@
 """fp16 / bf16 recipes: bf16 rounding against torch's, the range guard keeping an
 overflowing product fp32, each tiny family through verify, the bf16 CPU graph computing
-what a bf16 GEMM computes, and the real Gemma 3 270M against DESIGN.md's thresholds
+what a bf16 GEMM computes, and the real Gemma 3 270M against docs/design.md's thresholds
 (in test_quantize's real_quantized fixture)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Quantization recipes: the pure math, the GGUF block decoders against gguf's own
 dequantizer, the graph rewrite against a PyTorch model holding the same dequantized
 weights (so implementation error is separated from quantization error), the tied
-embedding stored once, and the real Gemma 3 270M against DESIGN.md's thresholds."""
+embedding stored once, and the real Gemma 3 270M against docs/design.md's thresholds."""
 
 from __future__ import annotations
 
@@ -15,14 +15,9 @@ import torch
 from gemma_export.errors import ParityError
 from gemma_export.exporter.recipes import RecipeOptions
 from gemma_export.exporter.pipeline import quantize_artifact
-from gemma_export.exporter.quantize import (
-    gguf_blocks,
-    dequantized_weights,
-    pack,
-    pack_zero_points,
-    quantize_blocks,
-    unpack,
-)
+from gemma_export.exporter.blocks import pack, pack_zero_points, quantize_blocks, unpack
+from gemma_export.exporter.gguf_blocks import gguf_blocks
+from gemma_export.exporter.quantize import dequantized_weights
 from gemma_export.exporter.verify import onnx_ragged_batch, onnx_teacher_forced, torch_greedy
 from gemma_export.models.load import load_model
 from gemma_export.runtime.session import DecoderSession
@@ -47,7 +42,7 @@ def test_block_quantization_error_bound(bits, symmetric):
 def test_rows_rounded_a_slab_at_a_time_equal_one_pass(monkeypatch, bits, symmetric):
     """quantize_blocks bounds its memory by rounding a few rows at a time; the codes must
     be those of rounding the whole matrix at once (5-row slabs over 23 rows: a short last one)."""
-    import gemma_export.exporter.quantize as q
+    import gemma_export.exporter.blocks as q
 
     w = np.random.default_rng(2).standard_normal((23, 128)).astype(np.float32)
     whole = quantize_blocks(w, bits, 32, symmetric)
@@ -298,7 +293,7 @@ def real_quantized(real_artifact, tmp_path_factory, real_ckpt):
 INT4_MISS = (
     "Known miss, measured: int4 (block 32, asymmetric, GPTQ body, round-to-nearest tied head) keeps "
     "67% corpus top-1 agreement with fp32 on Gemma 3 270M (perplexity +35%; round to nearest: 65%, "
-    "+42%), below DESIGN.md's 90% / +15%. The tied head alone at int4 drops it to 82% whatever the "
+    "+42%), below docs/design.md's 90% / +15%. The tied head alone at int4 drops it to 82% whatever the "
     "rounding (RTN, MSE clipping, AWQ scaling, GPTQ: 80-82%). The gguf recipe (the file's own "
     "4/5/6/8-bit blocks) passes instead. strict: this fails the day int4 passes, so the note gets updated."
 )
@@ -306,7 +301,7 @@ INT4_MISS = (
 
 BF16_MISS = (
     "Known miss, measured: bf16 products (fp16 tied embedding / LM head, everything else that sets "
-    "the range fp32) keep 98.9% corpus top-1 agreement with fp32 on Gemma 3 270M, under DESIGN.md's "
+    "the range fp32) keep 98.9% corpus top-1 agreement with fp32 on Gemma 3 270M, under docs/design.md's "
     "99% (logits rel L2 0.007, teacher-forced greedy 99.0%, perplexity unchanged). bf16's 8-bit mantissa on every "
     "product's input and output is the cost; fp16 (11 bits) keeps 99.5%. strict: update when it passes."
 )
@@ -366,7 +361,8 @@ def test_float_zero_points_become_integer_codes_plus_exact_offset():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from gemma_export.exporter.quantize import Blocks, _matmulnbits
+    from gemma_export.exporter.blocks import Blocks
+    from gemma_export.exporter.quantize import _matmulnbits
 
     rng = np.random.default_rng(3)
     n, kb, bs = 24, 4, 32

@@ -391,3 +391,19 @@ def test_unknown_preset_lists_known_names():
     with pytest.raises(CheckpointError) as e:
         load_model("tiny-gemma4")
     check_error(e, "tiny-gemma4", "tiny-gemma1", "tiny-gemma3", "gemma3-270m")
+
+
+def test_gguf_name_table_reads_both_ways():
+    """models/load.py and the gguf recipe read one table: every name maps back to itself."""
+    from gemma_export.models.gguf_names import GLOBAL_NAMES, LAYER_NAMES, checkpoint_name, gguf_name
+
+    for g in [*GLOBAL_NAMES, *(f"blk.7.{part}.weight" for part in LAYER_NAMES)]:
+        hf = checkpoint_name(g, sandwich_norms=True)
+        assert hf is not None
+        assert gguf_name(hf) in (g, None)  # None only where the family decides
+    assert gguf_name("model.layers.7.self_attn.q_proj.weight") == "blk.7.attn_q.weight"
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+    assert gguf_name("model.layers.7.post_attention_layernorm.weight") is None
+    assert checkpoint_name("blk.7.ffn_norm.weight", sandwich_norms=False) == "model.layers.7.post_attention_layernorm.weight"
+    assert checkpoint_name("blk.7.ffn_norm.weight", sandwich_norms=True) == "model.layers.7.pre_feedforward_layernorm.weight"
+    assert checkpoint_name("blk.7.unknown.weight", sandwich_norms=True) is None

@@ -26,15 +26,13 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_export.errors import ArtifactError, CheckpointError, RuntimeConfigError
-from gemma_export.exporter.tokenizer_source import tokenizer_from_gguf, tokenizer_from_hf_dir
-from gemma_export.runtime.tokenizer import (
+from gemma_export.exporter.tokenizer_source import (
     GGUFTokenType,
-    StreamDecoder,
-    Tokenizer,
     build_sentencepiece_model,
-    chat_prompt,
-    format_chat,
+    tokenizer_from_gguf,
+    tokenizer_from_hf_dir,
 )
+from gemma_export.runtime.tokenizer import StreamDecoder, Tokenizer, chat_prompt, format_chat
 
 SPACE = "\u2581"
 

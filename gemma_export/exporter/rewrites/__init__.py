@@ -1,11 +1,13 @@
-"""Graph rewrite rules for ONNX Runtime, one rule per file (onnxscript rewriter style).
+"""Graph rewrite rules for ONNX Runtime, one rule per file (onnxscript rewriter style),
+and the graph helpers they share.
 
 Each rule is a `Rule` with
     match(g, node)  -> a dict of what it found, or a string saying why it did not match
     rewrite(g, m)   -> replaces the matched nodes
 and optimize.py applies the rules in a fixed order, counting how many times each fired.
 `Graph` gives the rules what they need: producers, consumers, constant values, and node
-replacement that keeps the node list topologically ordered.
+replacement that keeps the node list topologically ordered; the functions below add nodes
+after a producer, add or drop initializers, and drop dead nodes.
 """
 
 from __future__ import annotations
@@ -75,6 +77,60 @@ class Graph:
         del self.g.node[:]
         self.g.node.extend(nodes)
         self.refresh()
+
+
+def insert_after(g: Graph, new: list[onnx.NodeProto], after: str | None) -> None:
+    """Put `new` right after the node that produces `after` (None: at the top of the graph).
+    The node list is copied back, so node objects held from before are stale."""
+    nodes = list(g.g.node)
+    at = nodes.index(g.producer[after]) + 1 if after is not None else 0
+    nodes[at:at] = new
+    del g.g.node[:]
+    g.g.node.extend(nodes)
+    g.refresh()
+
+
+def add_initializer(g: Graph, t: onnx.TensorProto) -> str:
+    """Append `t` to the graph's initializers; returns its name."""
+    g.g.initializer.append(t)
+    g.inits[t.name] = g.g.initializer[-1]
+    return t.name
+
+
+def int64_initializer(g: Graph, name: str, values: list[int], shape: list[int]) -> str:
+    """An int64 initializer `name` (added the first time it is asked for); returns `name`."""
+    if name not in g.inits:
+        add_initializer(g, onnx.helper.make_tensor(name, onnx.TensorProto.INT64, shape, values))
+    return name
+
+
+def drop_unread_initializers(g: Graph, names: set[str] | None = None) -> None:
+    """Delete the initializers (among `names`, or all) that no node and no graph input reads.
+    In place: rebuilding the list would copy every initializer (the 84 MB embedding codes
+    of the real 270M included) once per call."""
+    used = {x for n in g.g.node for x in n.input} | {i.name for i in g.g.input}
+    for idx in reversed(range(len(g.g.initializer))):
+        name = g.g.initializer[idx].name
+        if (names is None or name in names) and name not in used:
+            del g.g.initializer[idx]
+    g.inits = {t.name: t for t in g.g.initializer}
+
+
+def dead_code_elimination(g: Graph) -> int:
+    """Drop nodes whose outputs nobody reads (and initializers no node reads); returns how
+    many nodes went."""
+    removed = 0
+    while True:
+        used = {x for n in g.g.node for x in n.input} | g.outputs
+        keep = [n for n in g.g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.g.node):
+            break
+        removed += len(g.g.node) - len(keep)
+        del g.g.node[:]
+        g.g.node.extend(keep)
+    drop_unread_initializers(g)
+    g.refresh()
+    return removed
 
 
 def ensure_ms_opset(proto: onnx.ModelProto) -> None:

@@ -1,5 +1,4 @@
-"""A layer's attention -> RotaryEmbedding x2 + one GroupQueryAttention (com.microsoft), on
-a KV cache the graph writes in place.
+"""A layer's attention -> RotaryEmbedding x2 + one GroupQueryAttention (com.microsoft).
 
     q, k, v (the projections' outputs, [B, S, heads*D])
       ─ Reshape/Transpose ─ [q_norm, k_norm] ─ RoPE ─ Concat(past) ─ scale ─ QK^T
@@ -24,16 +23,10 @@ About 45 nodes per layer become three (six with QK-norm). Exactness, left paddin
     Runtime 1.32's GQA caps the scores before adding the bias, as Gemma 2 does (a test
     checks it: masked keys get weight 0 even when every visible score is near -softcap);
   - QK-norm stays a SimplifiedLayerNormalization per head in front of the rotary.
-Once every layer is fused, the cache becomes shared (`_share_cache`): past and present are
-one buffer of `cache_capacity` positions per tensor, bound by the runtime to the same
-memory, so a step copies nothing but the new positions. That is the I/O contract's
-shared variant (contract.io_spec(kv_cache="shared")); the pipeline ships the graph
-from before this rule beside it as model.portable.onnx. Until every layer is fused the
-concat contract holds (GQA with past of P positions and present of P + S is exact too).
-Why GQA on a shared buffer: benchmarks/attention_ops.py (18 layers at the 270M's shapes,
-ORT 1.32 CPU): 514 us per step at past 192 and 2.07 ms at 1024, against 665 us / 3.58 ms
-for ONNX's Attention (opset 23, which this rule emitted before) and 685 us / 3.67 ms for
-GQA with the concat contract.
+The graph keeps the concat contract (GQA with a past of P positions and a present of
+P + S is exact too); rewrites/shared_cache.py then turns the cache into one buffer per
+tensor, read and written in place. Why GroupQueryAttention (on that buffer) rather than
+ONNX's Attention: measured in docs/design.md ("Attention fusion").
 
 Needs the model's config (head counts, RoPE bases per layer type), so optimize_graph runs
 it only when given one.
@@ -45,9 +38,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
+from gemma_export.exporter.rewrites import (
+    MS_DOMAIN,
+    Graph,
+    Rule,
+    add_initializer,
+    dead_code_elimination,
+    insert_after,
+    int64_initializer,
+)
 
-_SHARED = "/model/attention"
+# Scope of the nodes every fused layer reads (positions, RoPE rows, GQA's lengths): built
+# once, by the first layer fused. rewrites/shared_cache.py reads some of them too.
+COMMON_SCOPE = "/model/attention"
 
 
 def _scope(node: onnx.NodeProto) -> str | None:
@@ -125,7 +128,7 @@ class AttentionRule(Rule):
         cfg = self.cfg
         i = m["layer"]
         ltype = cfg.layer_types[i]
-        shared = _shared_names(ltype)
+        common = _common_inputs(ltype)
         q, k, pre = m["q"], m["k"], []
         if m["q_norm"] is not None:
             # The per-head RMSNorm stays a SimplifiedLayerNormalization over [.., D], in
@@ -133,34 +136,31 @@ class AttentionRule(Rule):
             q = _head_norm(g, pre, m["scope"] + "q_norm", q, *m["q_norm"], cfg.head_dim)
             k = _head_norm(g, pre, m["scope"] + "k_norm", k, *m["k_norm"], cfg.head_dim)
         # RoPE as RotaryEmbedding on the explicit position_ids (left-padded rows start at 0).
-        q = _rotary(pre, m["scope"] + "q_rotary", q, shared)
-        k = _rotary(pre, m["scope"] + "k_rotary", k, shared)
-        ins = [q, k, m["v"], f"past_key_values.{i}.key", f"past_key_values.{i}.value", shared["seqlens_k"],
-               shared["total"], "", "", "", m["mask"]]
+        q = _rotary(pre, m["scope"] + "q_rotary", q, common)
+        k = _rotary(pre, m["scope"] + "k_rotary", k, common)
+        ins = [q, k, m["v"], f"past_key_values.{i}.key", f"past_key_values.{i}.value", common["seqlens_k"],
+               common["total"], "", "", "", m["mask"]]
         attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                      scale=float(cfg.query_pre_attn_scalar) ** -0.5)
         if cfg.attn_logit_softcapping:
             attrs["softcap"] = float(cfg.attn_logit_softcapping)
         node = helper.make_node("GroupQueryAttention", ins, [m["out"], f"present.{i}.key", f"present.{i}.value"],
                                 name=f"{m['scope']}GroupQueryAttention", domain=MS_DOMAIN, **attrs)
-        g.replace(m["replaced"], [*pre, node], at=m["at"])  # before _ensure_shared re-lists the nodes
-        _ensure_shared(g, cfg, ltype)
+        g.replace(m["replaced"], [*pre, node], at=m["at"])  # before _ensure_common_inputs re-lists the nodes
+        _ensure_common_inputs(g, cfg, ltype)
         dead_code_elimination(g)
-        if all(n.op_type in ("GroupQueryAttention", "Shape") for x in g.g.input
-               if x.name.startswith("past_key_values.") for n in g.consumers.get(x.name, [])):
-            _share_cache(g, cfg)  # every layer fused: the cache can be read and written in place
 
 
-def _rotary(nodes: list, scope: str, x: str, shared: dict[str, str]) -> str:
-    nodes.append(helper.make_node("RotaryEmbedding", [x, shared["index"], shared["cos"], shared["sin"]],
+def _rotary(nodes: list, scope: str, x: str, common: dict[str, str]) -> str:
+    nodes.append(helper.make_node("RotaryEmbedding", [x, common["index"], common["cos"], common["sin"]],
                                   [f"{scope}/out"], name=f"{scope}/RotaryEmbedding", domain=MS_DOMAIN,
                                   interleaved=0))
     return f"{scope}/out"
 
 
 def _head_norm(g: Graph, nodes: list, scope: str, x: str, weight: str, eps: float, head_dim: int) -> str:
-    heads = _ints(g, f"{_SHARED}/heads_shape", [0, 0, -1, head_dim], [4])
-    flat = _ints(g, f"{_SHARED}/flat_shape", [0, 0, -1], [3])
+    heads = int64_initializer(g, f"{COMMON_SCOPE}/heads_shape", [0, 0, -1, head_dim], [4])
+    flat = int64_initializer(g, f"{COMMON_SCOPE}/flat_shape", [0, 0, -1], [3])
     nodes += [
         helper.make_node("Reshape", [x, heads], [f"{scope}/heads"], name=f"{scope}/Reshape"),
         helper.make_node("SimplifiedLayerNormalization", [f"{scope}/heads", weight], [f"{scope}/normed"],
@@ -203,21 +203,14 @@ def _rope_source(g: Graph, rot: str):
     return None, None
 
 
-def _shared_names(ltype) -> dict[str, str]:
-    p = _SHARED
+def _common_inputs(ltype) -> dict[str, str]:
+    """Names of the tensors every layer of type `ltype` reads (see _ensure_common_inputs)."""
+    p = COMMON_SCOPE
     return {"index": f"{p}/rope_index", "cos": f"{p}/{ltype.value}/cos_cache", "sin": f"{p}/{ltype.value}/sin_cache",
             "seqlens_k": f"{p}/seqlens_k", "total": f"{p}/total_sequence_length"}
 
 
-def _ints(g: Graph, name: str, values: list[int], shape: list[int]) -> str:
-    if name not in g.inits:
-        t = helper.make_tensor(name, TensorProto.INT64, shape, values)
-        g.g.initializer.append(t)
-        g.inits[name] = t
-    return name
-
-
-def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
+def _ensure_common_inputs(g: Graph, cfg, ltype) -> dict[str, str]:
     """Graph-level inputs of the fused nodes, built once at the top of the graph:
       - per layer type, RoPE cos/sin rows for exactly the fed positions ([B*S, D/2], row
         b*S + s holds position_ids[b, s]) and the index [B, S] RotaryEmbedding reads them
@@ -225,16 +218,16 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
       - GroupQueryAttention's lengths: T = attention_mask's width, seqlens_k = T - 1 for
         every row (left padding is in the bias, so every row fills the same cache slots),
         total_sequence_length = T."""
-    p = _SHARED
-    names = _shared_names(ltype)
+    p = COMMON_SCOPE
+    names = _common_inputs(ltype)
     new = []
     if names["index"] not in g.producer:
-        neg1 = _ints(g, f"{p}/minus_one", [-1], [1])
-        one, zero = _ints(g, f"{p}/one_s", [1], []), _ints(g, f"{p}/zero_s", [0], [])
+        neg1 = int64_initializer(g, f"{p}/minus_one", [-1], [1])
+        one, zero = int64_initializer(g, f"{p}/one_s", [1], []), int64_initializer(g, f"{p}/zero_s", [0], [])
         new += [
             helper.make_node("Reshape", ["position_ids", neg1], [f"{p}/pos_flat"], name=f"{p}/Reshape_pos"),
             helper.make_node("Cast", [f"{p}/pos_flat"], [f"{p}/posf"], name=f"{p}/Cast_pos", to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", [f"{p}/posf", _ints(g, f"{p}/one", [1], [1])], [f"{p}/pos2d"],
+            helper.make_node("Unsqueeze", [f"{p}/posf", int64_initializer(g, f"{p}/one", [1], [1])], [f"{p}/pos2d"],
                              name=f"{p}/Unsqueeze_pos"),
             helper.make_node("Size", ["position_ids"], [f"{p}/n_tokens"], name=f"{p}/Size"),
             helper.make_node("Range", [zero, f"{p}/n_tokens", one], [f"{p}/token_range"], name=f"{p}/Range"),
@@ -243,13 +236,13 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
                              name=f"{p}/Reshape_index"),
             # lengths for GroupQueryAttention, from attention_mask [B, T]
             helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape"], name=f"{p}/Shape_mask"),
-            helper.make_node("Slice", [f"{p}/mask_shape", _ints(g, f"{p}/one", [1], [1]), _ints(g, f"{p}/two", [2], [1])],
+            helper.make_node("Slice", [f"{p}/mask_shape", int64_initializer(g, f"{p}/one", [1], [1]), int64_initializer(g, f"{p}/two", [2], [1])],
                              [f"{p}/T"], name=f"{p}/Slice_T_lengths"),
-            helper.make_node("Reshape", [f"{p}/T", _ints(g, f"{p}/scalar", [], [0])], [f"{p}/T_s"],
+            helper.make_node("Reshape", [f"{p}/T", int64_initializer(g, f"{p}/scalar", [], [0])], [f"{p}/T_s"],
                              name=f"{p}/Reshape_T"),
             helper.make_node("Cast", [f"{p}/T_s"], [names["total"]], name=f"{p}/Cast_T", to=TensorProto.INT32),
-            helper.make_node("Sub", [f"{p}/T", _ints(g, f"{p}/one", [1], [1])], [f"{p}/T_minus_1"], name=f"{p}/Sub_T"),
-            helper.make_node("Slice", [f"{p}/mask_shape", _ints(g, f"{p}/zero", [0], [1]), _ints(g, f"{p}/one", [1], [1])],
+            helper.make_node("Sub", [f"{p}/T", int64_initializer(g, f"{p}/one", [1], [1])], [f"{p}/T_minus_1"], name=f"{p}/Sub_T"),
+            helper.make_node("Slice", [f"{p}/mask_shape", int64_initializer(g, f"{p}/zero", [0], [1]), int64_initializer(g, f"{p}/one", [1], [1])],
                              [f"{p}/B"], name=f"{p}/Slice_B"),
             helper.make_node("Expand", [f"{p}/T_minus_1", f"{p}/B"], [f"{p}/seqlens_k64"], name=f"{p}/Expand_seqlens"),
             helper.make_node("Cast", [f"{p}/seqlens_k64"], [names["seqlens_k"]], name=f"{p}/Cast_seqlens",
@@ -261,8 +254,7 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
         # models/gemma.py's rope_cos_sin: fp32 inverse frequencies, divided by the linear scale
         inv = (1.0 / (np.float32(cfg.rope_theta_for(ltype)) ** (np.arange(0, d, 2, dtype=np.float32) / d)))
         inv = (inv.astype(np.float32) / np.float32(cfg.rope_scale_for(ltype))).astype(np.float32)
-        g.g.initializer.append(numpy_helper.from_array(inv[None, :], f"{p}/{t}/inv_freq"))
-        g.inits[f"{p}/{t}/inv_freq"] = g.g.initializer[-1]
+        add_initializer(g, numpy_helper.from_array(inv[None, :], f"{p}/{t}/inv_freq"))
         new += [
             helper.make_node("Mul", [f"{p}/pos2d", f"{p}/{t}/inv_freq"], [f"{p}/{t}/freqs"], name=f"{p}/{t}/Mul"),
             helper.make_node("Cos", [f"{p}/{t}/freqs"], [names["cos"]], name=f"{p}/{t}/Cos"),
@@ -271,84 +263,5 @@ def _ensure_shared(g: Graph, cfg, ltype) -> dict[str, str]:
     if new:
         # At the top of the graph; a second layer type's cos/sin go right after the position
         # block they read, so the node list stays topologically sorted.
-        _insert(g, new, after=f"{p}/pos2d" if f"{p}/pos2d" in g.producer else None)
+        insert_after(g, new, after=f"{p}/pos2d" if f"{p}/pos2d" in g.producer else None)
     return names
-
-
-def _insert(g: Graph, new: list, after: str | None) -> None:
-    """Put `new` right after the node that produces `after` (None: at the top of the graph).
-    The node list is copied back, so node objects held from before are stale."""
-    nodes = list(g.g.node)
-    at = nodes.index(g.producer[after]) + 1 if after is not None else 0
-    nodes[at:at] = new
-    del g.g.node[:]
-    g.g.node.extend(nodes)
-    g.refresh()
-
-
-def _share_cache(g: Graph, cfg) -> None:
-    """The cache becomes one buffer per tensor, read and written in place: past and
-    present are [B, kv_heads, cache_capacity, D] and the runtime binds present.* to the
-    same memory as past_key_values.*. Whatever else read the past's shape (the traced
-    graph takes the past length and the batch from it) now reads the logical shape
-    [B, kv_heads, T - S, D] instead, which is what it was under the concat contract."""
-    from gemma_export.contract import CAPACITY
-
-    p = _SHARED
-    past = [i.name for i in g.g.input if i.name.startswith("past_key_values.")]
-
-    def past_readers() -> list[onnx.NodeProto]:
-        return [n for name in past for n in g.consumers.get(name, []) if n.op_type != "GroupQueryAttention"]
-
-    readers = past_readers()
-    if readers and f"{p}/past_shape" not in g.producer:
-        # B, T and [B, S] (position_ids' shape) come from _ensure_shared's nodes
-        new = [
-            helper.make_node("Slice", [f"{p}/ids_shape", _ints(g, f"{p}/one", [1], [1]), _ints(g, f"{p}/two", [2], [1])],
-                             [f"{p}/S"], name=f"{p}/Slice_S"),
-            helper.make_node("Sub", [f"{p}/T", f"{p}/S"], [f"{p}/P"], name=f"{p}/Sub_P"),
-            helper.make_node("Concat", [f"{p}/B", _ints(g, f"{p}/kv_heads", [cfg.num_key_value_heads], [1]),
-                                        f"{p}/P", _ints(g, f"{p}/head_dim", [cfg.head_dim], [1])],
-                             [f"{p}/past_shape"], name=f"{p}/Concat_past_shape", axis=0),
-        ]
-        # after _ensure_shared's block (which feeds them), before every reader (which follow it)
-        _insert(g, new, after=f"{p}/B")
-        readers = past_readers()  # _insert made the node objects held above stale
-    present = [o.name for o in g.g.output if o.name.startswith("present.")]
-    if any(g.consumers.get(name) for name in present):
-        raise ValueError("a node reads present.*: it would see the whole buffer; cannot share the cache")
-    for n in readers:
-        if n.op_type != "Shape":
-            raise ValueError(f"{n.name}: reads the past cache as {n.op_type}, not Shape; cannot share the cache")
-        a = {x.name: x.i for x in n.attribute}
-        start, end = a.get("start", 0), a.get("end", 4)
-        n.op_type = "Slice"
-        del n.attribute[:]
-        del n.input[:]
-        n.input.extend([f"{p}/past_shape", _ints(g, f"{p}/s{start}", [start], [1]), _ints(g, f"{p}/e{end}", [end], [1])])
-    for vi in [*g.g.input, *g.g.output]:
-        if vi.name.startswith(("past_key_values.", "present.")):
-            d = vi.type.tensor_type.shape.dim[2]
-            d.Clear()
-            d.dim_param = CAPACITY
-    g.refresh()  # the readers now read past_shape
-
-
-def dead_code_elimination(g: Graph) -> int:
-    """Drop nodes whose outputs nobody reads (and initializers no node reads)."""
-    removed = 0
-    while True:
-        used = {x for n in g.g.node for x in n.input} | g.outputs
-        keep = [n for n in g.g.node if any(o in used for o in n.output if o)]
-        if len(keep) == len(g.g.node):
-            break
-        removed += len(g.g.node) - len(keep)
-        del g.g.node[:]
-        g.g.node.extend(keep)
-    used = {x for n in g.g.node for x in n.input} | {i.name for i in g.g.input}
-    for idx in reversed(range(len(g.g.initializer))):  # in place: no copy of large tensors
-        if g.g.initializer[idx].name not in used:
-            del g.g.initializer[idx]
-    g.inits = {i.name: i for i in g.g.initializer}
-    g.refresh()
-    return removed

@@ -21,10 +21,25 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule
+from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule, add_initializer, drop_unread_initializers
 
 
+# Which rows of a packed MatMulNBits are whose: [(member's qweight initializer, rows), ...]
+# in row order. It is stored in the node's doc_string as PACKED_DOC + JSON, the encoding the
+# artifacts already carry (moving it would change model.onnx's bytes); `packed_rows` is the
+# one reader (quantize.dequantized_weights uses it) and `_set_packed_rows` the one writer.
 PACKED_DOC = "packed rows: "
+
+
+def packed_rows(node: onnx.NodeProto) -> list[tuple[str, int]] | None:
+    """The row map of a packed projection; None for any other node."""
+    if not node.doc_string.startswith(PACKED_DOC):
+        return None
+    return [(qweight, int(rows)) for qweight, rows in json.loads(node.doc_string[len(PACKED_DOC):])]
+
+
+def _set_packed_rows(node: onnx.NodeProto, members: list[tuple[str, int]]) -> None:
+    node.doc_string = PACKED_DOC + json.dumps([[qweight, rows] for qweight, rows in members])
 
 
 def _attrs(n: onnx.NodeProto) -> dict:
@@ -70,35 +85,23 @@ class PackProjectionsRule(Rule):
                 stacked = stacked.reshape(sum(ns), *parts[0].shape[1:]) if parts[0].ndim == 2 else stacked.reshape(-1)
             else:
                 stacked = stacked.reshape(-1)
-            t = numpy_helper.from_array(stacked, names[slot - 1])
-            g.g.initializer.append(t)
-            g.inits[t.name] = t
+            add_initializer(g, numpy_helper.from_array(stacked, names[slot - 1]))
         a = _attrs(nodes[0])
         a["N"] = sum(ns)
         scope = nodes[0].name.rsplit("/", 2)[0]
         packed = f"{scope}/packed_projection"
         mm = helper.make_node("MatMulNBits", [nodes[0].input[0], *names[: len(nodes[0].input) - 1]], [packed],
                               name=f"{scope}/PackedMatMulNBits", domain=MS_DOMAIN, **a)
-        # Which rows are whose (quantize.dequantized_weights reads it back).
-        mm.doc_string = PACKED_DOC + json.dumps([[n.input[1], k] for n, k in zip(nodes, ns)])
+        _set_packed_rows(mm, [(n.input[1], k) for n, k in zip(nodes, ns)])
         new = [
             mm,
             helper.make_node("Split", [packed, f"{packed}/split"], [n.output[0] for n in nodes],
                              name=f"{scope}/PackedSplit", axis=-1),
         ]
-        split = numpy_helper.from_array(np.array(ns, np.int64), f"{packed}/split")
-        g.g.initializer.append(split)
-        g.inits[split.name] = split
+        add_initializer(g, numpy_helper.from_array(np.array(ns, np.int64), f"{packed}/split"))
         old_inits = {x for n in nodes for x in n.input[1:]}
         g.replace(nodes, new, at=nodes[0])
-        still = {x for n in g.g.node for x in n.input}
-        # Delete in place: rebuilding the list would copy every initializer (the 84 MB
-        # embedding codes included) once per rewrite.
-        for idx in reversed(range(len(g.g.initializer))):
-            name = g.g.initializer[idx].name
-            if name in old_inits and name not in still:
-                del g.g.initializer[idx]
-        g.inits = {t.name: t for t in g.g.initializer}
+        drop_unread_initializers(g, old_inits)
 
 
 def _common_prefix(names: list[str]) -> str:
