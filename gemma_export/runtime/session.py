@@ -24,7 +24,7 @@ import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -158,6 +158,47 @@ class DecoderSession:
                 a[:, :, : cache.length] = v.numpy()[:, :, : cache.length]
             out.append(self._to_device(a))
         return out
+
+    # -- rows joining and leaving a batch (the server's continuous batching) ---------------------
+
+    def select_rows(self, cache: KVCache, rows: Sequence[int], trim: int = 0, reserve: int = 0) -> KVCache:
+        """A new cache holding `rows` of `cache`, without its first `trim` positions (columns
+        that are left padding in every kept row). `reserve`: extra positions a shared-layout
+        cache keeps free for the steps to come."""
+        return self.merge_caches([cache], reserve, rows=[rows], trims=[trim])
+
+    def merge_caches(self, caches: Sequence[KVCache], reserve: int = 0, rows: Sequence | None = None,
+                     trims: Sequence[int] | None = None) -> KVCache:
+        """One cache with the rows of `caches` in order, right-aligned: a shorter cache is
+        left-padded with zero K/V (its rows' attention_mask must be 0 there), so every
+        row's newest position is the last one and all rows advance together. `rows[i]`
+        (None: all) and `trims[i]` select rows of caches[i] and drop its first positions,
+        as select_rows would, in the same single copy."""
+        if not caches:
+            raise RuntimeConfigError("merge_caches needs at least one cache")
+        rows = list(rows) if rows is not None else [None] * len(caches)
+        trims = list(trims) if trims is not None else [0] * len(caches)
+        for c, r, t in zip(caches, rows, trims):
+            if r is not None and not len(r):
+                raise RuntimeConfigError("merge_caches: a cache keeps no rows")
+            if not 0 <= t <= c.length:
+                raise RuntimeConfigError(f"cannot trim {t} of {c.length} positions")
+        spans = [c.length - t for c, t in zip(caches, trims)]
+        length = max(spans)
+        counts = [c.values[0].shape()[0] if r is None else len(r) for c, r in zip(caches, rows)]
+        capacity = max(length, min(length + reserve, self.max_length)) if self.shared_cache else length
+        out = []
+        for i in range(len(self.past_names)):
+            buf = np.zeros((sum(counts), self.kv_heads, capacity, self.head_dim), self.kv_dtype)
+            b0 = 0
+            for c, r, t, span, n in zip(caches, rows, trims, spans, counts):
+                a = c.values[i].numpy()[:, :, t:c.length]  # [B_c, kv, span, D]; a host copy on CUDA too
+                buf[b0:b0 + n, :, length - span:length] = a if r is None else a[np.asarray(r, np.int64)]
+                b0 += n
+            out.append(self._to_device(buf))
+        if self.shared_cache:
+            return KVCache(out, length, _Chain(filled=length))  # new buffers: a chain of their own
+        return KVCache(out, length)
 
     # -- one step ------------------------------------------------------------------------------
 
