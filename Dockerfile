@@ -4,6 +4,9 @@
 #   docker run --rm -p 8000:8000 -v "$PWD/g270-int8:/model:ro" --read-only --tmpfs /tmp gemma-export
 #   docker build --target with-model --build-arg ARTIFACT=artifacts/image/model -t gemma-export:270m .
 #
+# The last stage is with-model, so a build without --target bakes artifacts/image/model
+# (where `make image` puts the artifact); ARTIFACT must lie under artifacts/image/ (.dockerignore).
+#
 # Build arguments:
 #   BASE         any Debian/Ubuntu image; python3 and python3-venv are installed when it has
 #                no python3 (CI imports a debootstrap bookworm with them, scripts/docker_base.sh)
@@ -14,8 +17,9 @@
 
 ARG BASE=python:3.11-slim-bookworm
 
-# Step order matters with the vfs storage driver (CI's): each step, metadata ones included,
-# copies the whole filesystem, so the few steps on the large filesystem come last.
+# Step order matters with the vfs storage driver (CI's fallback where overlay2 cannot run):
+# each step, metadata ones included, copies the whole filesystem, so the few steps on the
+# large filesystem come last.
 
 # --- builder: a virtual environment with gemma-export[serve]; pip and wheels stay here ---
 FROM ${BASE} AS builder

@@ -23,7 +23,8 @@
 # image and the exported artifact as caches for the next run on this machine.
 #
 # Environment: GEMMA_DOCKER_ARTIFACT (an int8 artifact to use instead of exporting one),
-# GEMMA_DOCKER_BIN (the folder holding the host's gemma-export and python, default .venv/bin).
+# GEMMA_DOCKER_BIN (the folder holding the host's gemma-export and python, default .venv/bin),
+# GEMMA_DOCKER_STORAGE (the storage drivers to try when starting dockerd, default "overlay2 vfs").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -118,7 +119,7 @@ if ! docker info >/dev/null 2>&1; then
     # overlay2 where the kernel and backing filesystem allow it (here: builds 3x faster than
     # vfs, which copies the whole filesystem at every build step), else vfs, which runs anywhere.
     mkdir -p build/docker
-    for driver in overlay2 vfs; do
+    for driver in ${GEMMA_DOCKER_STORAGE:-overlay2 vfs}; do
         dockerd --storage-driver="$driver" >build/docker/dockerd.log 2>&1 &
         started_dockerd=$!
         for _ in $(seq 150); do
