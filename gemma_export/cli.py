@@ -330,8 +330,14 @@ def serve(
     grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM.")] = 10.0,
 ) -> None:
     """Serve an artifact with an OpenAI-compatible API (completions, chat, streaming) and continuous batching."""
+    from gemma_export.errors import RuntimeConfigError
     from gemma_export.runtime.session import Provider
-    from gemma_export.server.main import ServeOptions, serve as run_server
+
+    try:
+        from gemma_export.server.main import ServeOptions, serve as run_server
+    except ImportError as e:
+        raise RuntimeConfigError(f"serve needs the server packages ({e.name} is missing): "
+                                 "pip install 'gemma-export[serve]'") from None
 
     prov = _choice(Provider, provider, "--provider")
     for value, hint, low in ((port, "--port", 0), (max_batch, "--max-batch", 1), (max_queue, "--max-queue", 0),

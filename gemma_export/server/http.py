@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gemma_export.errors import RuntimeConfigError
 from gemma_export.runtime.generate import SamplingConfig
 from gemma_export.runtime.tokenizer import format_chat
 from gemma_export.server.engine import (
@@ -83,6 +84,8 @@ def _as_api_error(e: BaseException) -> ApiError:
         return ApiError(503, str(e), code="shutting_down", type_="server_error")
     if isinstance(e, PromptTooLongError):
         return ApiError(400, str(e), param="prompt", code="context_length_exceeded")
+    if isinstance(e, RuntimeConfigError):  # SamplingConfig.validate: a value the schema let through
+        return ApiError(400, str(e), code="invalid_value")
     if isinstance(e, HTTPException):
         return ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
     log.exception("unhandled error", exc_info=e)

@@ -212,3 +212,23 @@ def test_a_failing_row_ends_alone(tiny_fp32):
         eng.stop()
     assert [r[2] for r in res] == ["error", "length", "length"]
     assert res[1][0] == alone[0][0]
+
+
+def test_drain_refuses_new_work_and_cancels_after_the_grace(tiny_fp32):
+    from gemma_export.server.engine import ShuttingDownError
+    from tests.server.helpers import SlowSession
+
+    sess = SlowSession(DecoderSession(tiny_fp32, provider="cpu"), delay=0.02)
+    eng = Engine(sess, Tokenizer.from_file(tiny_fp32 / "tokenizer.model"))
+    eng.start()
+    try:
+        q = queue.Queue()
+        eng.submit([2, 40, 41], SamplingConfig(max_new_tokens=250, ignore_eos=True), q.put)
+        eng.drain(0.3)
+        with pytest.raises(ShuttingDownError):
+            eng.submit([2, 3], SamplingConfig(), lambda e: None)
+        while (ev := q.get(timeout=30)).finish_reason is None:
+            pass
+        assert ev.finish_reason == "cancelled" and 0 < ev.completion_tokens < 250
+    finally:
+        eng.stop()
