@@ -26,10 +26,11 @@ FROM ${BASE} AS builder
 ARG ORT=onnxruntime
 ARG PIP_OFFLINE=0
 COPY docker/wheels /wheels
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
 COPY gemma_export /src/gemma_export
 # python3 and python3-venv when the base lacks them (a CUDA runtime base). Then the runtime
-# and the server only: gemma-export's base dependencies carry no torch and need no compiler.
+# and the server only: gemma-export's base dependencies carry no torch and need no compiler,
+# at the versions CI tests (constraints.txt).
 # onnxruntime and onnxruntime-gpu provide the same module, so never both.
 # hadolint ignore=DL3008,DL3013
 RUN set -eu; \
@@ -40,7 +41,7 @@ RUN set -eu; \
     fi; \
     python3 -m venv /opt/venv; \
     if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheels; else set --; fi; \
-    /opt/venv/bin/pip install --no-cache-dir "$@" "/src[serve]"; \
+    /opt/venv/bin/pip install --no-cache-dir -c /src/constraints.txt "$@" "/src[serve]"; \
     if [ "$ORT" != onnxruntime ]; then \
         /opt/venv/bin/pip uninstall -y onnxruntime; \
         /opt/venv/bin/pip install --no-cache-dir "$@" "$ORT"; \

@@ -2,7 +2,7 @@
 # Build the image base without a container registry: Debian bookworm from Debian's package
 # mirror (debootstrap, minbase) with python3 and python3-venv, imported as a Docker image.
 #
-#     scripts/docker_base.sh [NAME]        # default: gemma-export-base:bookworm-r1
+#     scripts/docker_base.sh [NAME]        # default: gemma-export-base:bookworm-r2
 #
 # Prints the image name on stdout. An image of that name already present is reused (CI
 # reruns on one machine); bump the tag's revision when this recipe changes. Needs root,
@@ -10,7 +10,7 @@
 # the first Debian URI in this machine's apt sources, else deb.debian.org).
 set -euo pipefail
 
-NAME=${1:-gemma-export-base:bookworm-r1}
+NAME=${1:-gemma-export-base:bookworm-r2}
 if docker image inspect "$NAME" >/dev/null 2>&1; then
     echo "base: $NAME present, reused" >&2
     echo "$NAME"
@@ -31,6 +31,9 @@ echo "base: debootstrap bookworm from $mirror" >&2
 # minbase + the interpreter; python3-venv brings ensurepip's bundled pip for the builder stage.
 debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" "$mirror" >&2
 
+# An imported root filesystem has no image config: the PATH below is the one official Debian
+# images set (without it, a Dockerfile's ENV PATH=/opt/venv/bin:$PATH drops /usr/bin).
+#
 # Security and point-release updates, then what an image needs none of: apt's lists and
 # caches, documentation, man pages, translations.
 cat > "$root/etc/apt/sources.list" <<SOURCES
@@ -48,5 +51,6 @@ rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*
     "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
     "$root"/usr/share/locale/*
 tar --numeric-owner -C "$root" -c . \
-    | docker import --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' - "$NAME" >&2
+    | docker import --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$NAME" >&2
 echo "$NAME"

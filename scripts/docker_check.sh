@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 BIN=${GEMMA_DOCKER_BIN:-.venv/bin}
 ART=${GEMMA_DOCKER_ARTIFACT:-}
 ART_CACHE=/var/cache/gemma-export-ci   # exported artifacts kept across CI runs (fresh clones)
-BASE_IMAGE=gemma-export-base:bookworm-r1
+BASE_IMAGE=gemma-export-base:bookworm-r2
 IMAGE=gemma-export:ci-$$
 NAME=gemma-export-ci-$$
 GRACE=20                 # docker stop -t: seconds between SIGTERM and SIGKILL
@@ -48,8 +48,8 @@ bad()  { failed=$((failed + 1)); summary+=("FAIL  $*"); note "FAIL  $*"; }
 now()  { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 timings=()
-phase_start() { phase_name=$1; phase_t0=$(now); note "== $1"; }
-phase_end()   { timings+=("$(printf '%-10s %6ss' "$phase_name" "$(secs "$phase_t0" "$(now)")")"); }
+phase_start() { phase_name=$1; phase_t0=$(now); phase_open=1; note "== $1"; }
+phase_end()   { timings+=("$(printf '%-10s %6ss' "$phase_name" "$(secs "$phase_t0" "$(now)")")"); phase_open=""; }
 
 finish() {
     local rc=$?
@@ -69,7 +69,9 @@ finish() {
     for t in "${timings[@]}"; do note "  $t"; done
     note "docker check: results"
     for s in "${summary[@]}"; do note "  $s"; done
-    if (( failed == 0 && rc != 0 )); then failed=1; note "  FAIL  aborted (exit $rc) in phase ${phase_name:-?}"; fi
+    if [[ $rc != 0 && -n ${phase_open:-} ]]; then
+        (( failed )) || failed=1; note "  FAIL  aborted (exit $rc) in phase $phase_name"
+    fi
     echo "docker_check: $passed passed, $failed failed"
     (( failed == 0 )) && exit 0 || exit 1
 }

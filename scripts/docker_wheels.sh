@@ -19,7 +19,7 @@ find docker/wheels -name '*.whl' -delete
 # setuptools: the builder builds gemma-export from source, isolated, from these wheels too.
 mkdir -p build/docker
 if ! "$py" -m pip download -q -d docker/wheels --only-binary=:all: --implementation cp \
-        --python-version "$pyver" "${platforms[@]}" ".[serve]" "setuptools>=68" >build/docker/wheels.log 2>&1; then
+        --python-version "$pyver" "${platforms[@]}" -c constraints.txt ".[serve]" "setuptools>=68" >build/docker/wheels.log 2>&1; then
     cat build/docker/wheels.log >&2
     exit 1
 fi
