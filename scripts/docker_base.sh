@@ -2,7 +2,7 @@
 # Build the image base without a container registry: Debian bookworm from Debian's package
 # mirror (debootstrap, minbase) with python3 and python3-venv, imported as a Docker image.
 #
-#     scripts/docker_base.sh [NAME]        # default: gemma-export-base:bookworm-r2
+#     scripts/docker_base.sh [NAME]        # default: gemma-export-base:bookworm-r3
 #
 # Prints the image name on stdout. An image of that name already present is reused (CI
 # reruns on one machine); bump the tag's revision when this recipe changes. Needs root,
@@ -10,7 +10,7 @@
 # the first Debian URI in this machine's apt sources, else deb.debian.org).
 set -euo pipefail
 
-NAME=${1:-gemma-export-base:bookworm-r2}
+NAME=${1:-gemma-export-base:bookworm-r3}
 if docker image inspect "$NAME" >/dev/null 2>&1; then
     echo "base: $NAME present, reused" >&2
     echo "$NAME"
@@ -27,6 +27,9 @@ fi
 
 root=$(mktemp -d /var/tmp/gemma-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT
+# mktemp's 0700 becomes the image's / (tar records "."): overlay2 hides it, vfs keeps it and
+# a non-root user then cannot reach any file.
+chmod 0755 "$root"
 echo "base: debootstrap bookworm from $mirror" >&2
 # minbase + the interpreter; python3-venv brings ensurepip's bundled pip for the builder stage.
 debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" "$mirror" >&2
@@ -53,4 +56,6 @@ rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*
 tar --numeric-owner -C "$root" -c . \
     | docker import --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$NAME" >&2
+# Earlier revisions of this recipe are dead weight now.
+docker images --format '{{.Repository}}:{{.Tag}}' "${NAME%%:*}" | grep -vxF "$NAME" | xargs -r docker rmi >&2 || true
 echo "$NAME"

@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 BIN=${GEMMA_DOCKER_BIN:-.venv/bin}
 ART=${GEMMA_DOCKER_ARTIFACT:-}
 ART_CACHE=/var/cache/gemma-export-ci   # exported artifacts kept across CI runs (fresh clones)
-BASE_IMAGE=gemma-export-base:bookworm-r2
+BASE_IMAGE=gemma-export-base:bookworm-r3
 IMAGE=gemma-export:ci-$$
 NAME=gemma-export-ci-$$
 GRACE=20                 # docker stop -t: seconds between SIGTERM and SIGKILL
