@@ -166,49 +166,40 @@ class DecoderSession:
         """A new cache holding `rows` of `cache`, without its first `trim` positions (columns
         that are left padding in every kept row). `reserve`: extra positions a shared-layout
         cache keeps free for the steps to come."""
-        if not rows:
-            raise RuntimeConfigError("select_rows needs at least one row")
-        if not 0 <= trim <= cache.length:
-            raise RuntimeConfigError(f"cannot trim {trim} of {cache.length} positions")
-        idx = np.asarray(rows, np.int64)
-        return self._cache_from_host([a[idx, :, trim:] for a in self._host(cache)], reserve)
+        return self.merge_caches([cache], reserve, rows=[rows], trims=[trim])
 
-    def merge_caches(self, caches: Sequence[KVCache], reserve: int = 0) -> KVCache:
+    def merge_caches(self, caches: Sequence[KVCache], reserve: int = 0, rows: Sequence | None = None,
+                     trims: Sequence[int] | None = None) -> KVCache:
         """One cache with the rows of `caches` in order, right-aligned: a shorter cache is
         left-padded with zero K/V (its rows' attention_mask must be 0 there), so every
-        row's newest position is the last one and all rows advance together."""
+        row's newest position is the last one and all rows advance together. `rows[i]`
+        (None: all) and `trims[i]` select rows of caches[i] and drop its first positions,
+        as select_rows would, in the same single copy."""
         if not caches:
             raise RuntimeConfigError("merge_caches needs at least one cache")
-        length = max(c.length for c in caches)
-        parts = [self._host(c) for c in caches]
-        merged = []
-        for t in range(len(self.past_names)):
-            pieces = []
-            for c, host in zip(caches, parts):
-                a = host[t]  # [B_c, kv, length_c, D]
-                if c.length < length:
-                    pad = np.zeros(a.shape[:2] + (length - c.length,) + a.shape[3:], a.dtype)
-                    a = np.concatenate([pad, a], axis=2)
-                pieces.append(a)
-            merged.append(np.concatenate(pieces, axis=0))  # [sum B_c, kv, length, D]
-        return self._cache_from_host(merged, reserve)
-
-    def _host(self, cache: KVCache) -> list[np.ndarray]:
-        """The cache's filled positions on the host, [B, kv, length, D] per tensor (a copy
-        through the host on CUDA: rows join and leave rarely, steps never come here)."""
-        return [v.numpy()[:, :, : cache.length] for v in cache.values]
-
-    def _cache_from_host(self, arrays: list[np.ndarray], reserve: int) -> KVCache:
-        length = arrays[0].shape[2]
-        if not self.shared_cache:
-            return KVCache([self._to_device(a) for a in arrays], length)
-        capacity = max(length, min(length + reserve, self.max_length))
+        rows = list(rows) if rows is not None else [None] * len(caches)
+        trims = list(trims) if trims is not None else [0] * len(caches)
+        for c, r, t in zip(caches, rows, trims):
+            if r is not None and not len(r):
+                raise RuntimeConfigError("merge_caches: a cache keeps no rows")
+            if not 0 <= t <= c.length:
+                raise RuntimeConfigError(f"cannot trim {t} of {c.length} positions")
+        spans = [c.length - t for c, t in zip(caches, trims)]
+        length = max(spans)
+        counts = [c.values[0].shape()[0] if r is None else len(r) for c, r in zip(caches, rows)]
+        capacity = max(length, min(length + reserve, self.max_length)) if self.shared_cache else length
         out = []
-        for a in arrays:
-            buf = np.zeros(a.shape[:2] + (capacity,) + a.shape[3:], self.kv_dtype)
-            buf[:, :, :length] = a
+        for i in range(len(self.past_names)):
+            buf = np.zeros((sum(counts), self.kv_heads, capacity, self.head_dim), self.kv_dtype)
+            b0 = 0
+            for c, r, t, span, n in zip(caches, rows, trims, spans, counts):
+                a = c.values[i].numpy()[:, :, t:c.length]  # [B_c, kv, span, D]; a host copy on CUDA too
+                buf[b0:b0 + n, :, length - span:length] = a if r is None else a[np.asarray(r, np.int64)]
+                b0 += n
             out.append(self._to_device(buf))
-        return KVCache(out, length, _Chain(filled=length))  # new buffers: a chain of their own
+        if self.shared_cache:
+            return KVCache(out, length, _Chain(filled=length))  # new buffers: a chain of their own
+        return KVCache(out, length)
 
     # -- one step ------------------------------------------------------------------------------
 

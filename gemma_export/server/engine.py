@@ -139,6 +139,11 @@ class _Prefill:
     logits: np.ndarray | None = None  # [B, V] after the last chunk
 
 
+def _live(batch: _Batch) -> list[int]:
+    """Indices of the rows still generating."""
+    return [i for i, s in enumerate(batch.seqs) if not s.finished]
+
+
 class Engine:
     """Continuous batching over `session`; `tokenizer` only turns tokens into text."""
 
@@ -241,7 +246,7 @@ class Engine:
         """Start a prefill of waiting prompts if there is room in the batch."""
         if self._prefill is not None:
             return
-        room = self.max_batch - (len(self._batch.seqs) if self._batch else 0)
+        room = self.max_batch - (len(_live(self._batch)) if self._batch else 0)
         with self._cv:
             if room <= 0 or not self._waiting:
                 return
@@ -308,21 +313,28 @@ class Engine:
         self._join(joining)
 
     def _join(self, new: _Batch) -> None:
+        """New rows join the running batch; finished rows still in it leave in the same copy."""
         old = self._batch
-        if old is None:
+        live = _live(old) if old is not None else []
+        if not live:
             self._batch = new
         else:
-            T = max(old.mask.shape[1], new.mask.shape[1])
+            mask = old.mask[live]
+            trim = int(np.argmax(mask.any(axis=0)))  # leading columns no remaining row uses
+            mask = mask[:, trim:]
+            T = max(mask.shape[1], new.mask.shape[1])
             pad = lambda m: np.pad(m, ((0, 0), (T - m.shape[1], 0)))  # noqa: E731
-            cache = self.session.merge_caches([old.cache, new.cache], reserve=RESERVE)
-            self._batch = _Batch(old.seqs + new.seqs, cache, np.concatenate([pad(old.mask), pad(new.mask)]),
-                                 np.concatenate([old.pos, new.pos]), np.concatenate([old.next_tokens, new.next_tokens]))
+            cache = self.session.merge_caches([old.cache, new.cache], reserve=RESERVE, rows=[live, None],
+                                              trims=[trim, 0])
+            self._batch = _Batch([old.seqs[i] for i in live] + new.seqs, cache,
+                                 np.concatenate([pad(mask), pad(new.mask)]), np.concatenate([old.pos[live], new.pos]),
+                                 np.concatenate([old.next_tokens[live], new.next_tokens]))
         self.obs.running(len(self._batch.seqs))
 
     def _decode_step(self) -> None:
         b = self._batch
         mask = np.concatenate([b.mask, np.ones((len(b.seqs), 1), np.int64)], axis=1)
-        pos = b.pos + 1
+        pos = b.pos + np.array([not s.finished for s in b.seqs])  # a finished row waiting to leave stays put
         try:
             logits, cache = self.session.forward(b.next_tokens[:, None], mask, pos[:, None], b.cache)
         except Exception as e:
@@ -338,8 +350,10 @@ class Engine:
         """A batched step raised: run each row alone from the same cache; rows that fail
         again end with an error, the others rejoin."""
         b, self._batch = self._batch, None
-        for i, s in enumerate(b.seqs):
-            if len(b.seqs) == 1:
+        live = _live(b)
+        for i in live:
+            s = b.seqs[i]
+            if len(live) == 1:
                 self._fail(s, first_error)
                 break
             try:
@@ -354,7 +368,7 @@ class Engine:
                 self._join(_Batch([s], cache, mask, b.pos[i:i + 1] + 1, np.array([tok], np.int64)))
         if self._batch is not None:
             self._leave()
-        self.obs.running(len(self._batch.seqs) if self._batch else 0)
+        self.obs.running(len(_live(self._batch)) if self._batch else 0)
 
     def _next_token(self, s: Request, logits: np.ndarray, pos: int) -> int:
         """Sample a row's next token and tell its request; `pos` is the position of the
@@ -412,10 +426,18 @@ class Engine:
                 log.exception("request %d: its event callback failed", s.id)
 
     def _leave(self) -> None:
-        """Drop finished rows from the batch; trim columns that are padding in every row left."""
+        """Finished rows leave the batch (columns that are padding in every row left are
+        trimmed). While a join is coming (a prefill under way, requests waiting) and most
+        rows are live, the copy is left to the join's merge, which drops them in the same
+        pass; until then they stay as rows whose output is ignored: one more row in a step
+        instead of one more copy of the whole cache."""
         b = self._batch
-        keep = [i for i, s in enumerate(b.seqs) if not s.finished]
+        keep = _live(b)
+        self.obs.running(len(keep))
         if len(keep) == len(b.seqs):
+            return
+        join_coming = self._prefill is not None or bool(self._waiting)
+        if keep and join_coming and 2 * len(keep) >= len(b.seqs) and b.mask.shape[1] + 2 < self.max_length:
             return
         if not keep:
             self._batch = None
@@ -424,7 +446,6 @@ class Engine:
             trim = int(np.argmax(mask.any(axis=0)))  # leading columns no row uses
             cache = self.session.select_rows(b.cache, keep, trim=trim, reserve=RESERVE)
             self._batch = _Batch([b.seqs[i] for i in keep], cache, mask[:, trim:], b.pos[keep], b.next_tokens[keep])
-        self.obs.running(len(self._batch.seqs) if self._batch else 0)
 
     def _drop_cancelled(self) -> None:
         with self._cv:

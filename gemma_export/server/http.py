@@ -188,7 +188,7 @@ def create_app(load: Callable[[], Engine], settings: Settings, metrics: ServerMe
             ids = list(req.prompt)
         if settings.log_prompts:
             log.info("completion prompt: %r", req.prompt)
-        return await _generate(request, eng, ids, req.sampling, "prompt", _completion_format(settings.model_name))
+        return await _generate(request, eng, ids, req.sampling, "prompt", _CompletionFormat(settings.model_name))
 
     @ep("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -201,7 +201,7 @@ def create_app(load: Callable[[], Engine], settings: Settings, metrics: ServerMe
         if settings.log_prompts:
             log.info("chat prompt: %r", text)
         ids = eng.tokenizer.encode(text, add_bos=True)
-        return await _generate(request, eng, ids, req.sampling, "messages", _chat_format(settings.model_name))
+        return await _generate(request, eng, ids, req.sampling, "messages", _ChatFormat(settings.model_name))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return _error_response(exc)
@@ -311,7 +311,7 @@ def _usage(ev: Event) -> dict:
             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
 
-class _completion_format:
+class _CompletionFormat:
     """Response bodies of /v1/completions."""
 
     def __init__(self, model: str):
@@ -338,7 +338,7 @@ class _completion_format:
         return self._head(rid) | {"choices": [], "usage": _usage(ev)}
 
 
-class _chat_format(_completion_format):
+class _ChatFormat(_CompletionFormat):
     """Response bodies of /v1/chat/completions."""
 
     def new_id(self) -> str:

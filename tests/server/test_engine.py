@@ -96,9 +96,16 @@ def test_select_trims_columns_padding_in_every_row(which, tiny_fp32, tiny_int8):
     mask = (np.arange(13)[None] >= np.array([[8], [0]])).astype(np.int64)
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     _, cache = sess.forward(ids, mask, pos, sess.new_cache(2, 16), last_only=True)
-    cache = sess.select_rows(cache, [0], trim=8)
-    assert cache.length == 5
-    out, cache = sess.forward(np.array([[FED[0]]]), np.ones((1, 6), np.int64), np.array([[5]]), cache)
+    cache0 = sess.select_rows(cache, [0], trim=8)
+    assert cache0.length == 5
+    out, _ = sess.forward(np.array([[FED[0]]]), np.ones((1, 6), np.int64), np.array([[5]]), cache0)
+    _close(out[0, -1], solo1[1], which == "fp32")
+    # the same selection inside a merge (one copy): row 0 without its padding, beside a 3-token cache
+    _, c3 = sess.forward(np.array([[2, 9, 10]]), np.ones((1, 3), np.int64), np.arange(3)[None], sess.new_cache(1, 8))
+    merged = sess.merge_caches([cache, c3], rows=[[0], None], trims=[8, 0])
+    assert merged.length == 5
+    mask = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    out, _ = sess.forward(np.array([[FED[0]], [FED[1]]]), mask, np.array([[5], [3]]), merged)
     _close(out[0, -1], solo1[1], which == "fp32")
 
 
@@ -138,16 +145,17 @@ def _prompts(n, seed=0):
     return [[2] + rng.integers(10, 500, int(rng.integers(1, 40))).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("which", ["fp32", "int8"])
-def test_batched_greedy_equals_each_request_alone(which, tiny_fp32, tiny_int8):
+@pytest.mark.parametrize("which,max_batch", [("fp32", 16), ("int8", 16), ("fp32", 5)])
+def test_batched_greedy_equals_each_request_alone(which, max_batch, tiny_fp32, tiny_int8):
     """16 requests of different lengths joining and leaving one batch (a small prefill
     chunk makes the long prompts take several chunks between decode steps) give each one
     the greedy tokens it gets alone: fp32 identically, int8 >= 95% of tokens (the parity
-    table's top-1 for int8)."""
+    table's top-1 for int8). Rows that finish while others wait stay in the batch until
+    the next join drops them in its merge."""
     path = tiny_fp32 if which == "fp32" else tiny_int8
     prompts = _prompts(16)
     cfgs = [SamplingConfig(max_new_tokens=int(n), ignore_eos=True) for n in np.random.default_rng(1).integers(4, 24, 16)]
-    eng = _engine(path, max_batch=16, prefill_chunk=16)
+    eng = _engine(path, max_batch=max_batch, prefill_chunk=16)  # 5: requests wait for rows to leave
     try:
         together = _run(eng, prompts, cfgs)
         alone = [_run(eng, [p], [c])[0] for p, c in zip(prompts, cfgs)]
