@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ART := artifacts/gemma3-270m-fp32
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint clean image docker-check
 
 $(BIN)/gemma-export: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,35 @@ test-fast: $(BIN)/gemma-export
 
 lint: $(BIN)/gemma-export
 	$(BIN)/ruff check gemma_export tests benchmarks scripts
+
+# The deployment image (README "Deploy"): the server with an artifact baked in at /model.
+# ARTIFACT=DIR bakes that artifact; none exports the bundled 270M at int8 (a few minutes).
+# BASE=IMAGE overrides the Dockerfile's python slim base; BASE=debootstrap builds one without
+# a registry (scripts/docker_base.sh) and installs wheels downloaded on the host (no index in
+# the build: scripts/docker_wheels.sh), as CI does.
+IMAGE ?= gemma-export:latest
+IMAGE_ART := artifacts/image/model
+image: $(BIN)/gemma-export
+	@if [ -n "$(ARTIFACT)" ]; then \
+		rm -rf $(IMAGE_ART) && mkdir -p artifacts/image && cp -r "$(ARTIFACT)" $(IMAGE_ART); \
+	elif [ ! -f $(IMAGE_ART)/manifest.json ]; then \
+		$(BIN)/gemma-export export --out artifacts/image/fp32 --no-verify --force && \
+		$(BIN)/gemma-export quantize artifacts/image/fp32 --precision int8 --out $(IMAGE_ART) --no-verify --force && \
+		rm -rf artifacts/image/fp32; \
+	fi
+	base="$(BASE)"; offline=0; \
+	if [ "$$base" = debootstrap ]; then \
+		base=$$(scripts/docker_base.sh) && scripts/docker_wheels.sh $$base $(BIN)/python && offline=1 || exit 1; \
+	fi; \
+	DOCKER_BUILDKIT=0 docker build --network host --target with-model -t $(IMAGE) \
+		$${base:+--build-arg BASE=$$base} --build-arg PIP_OFFLINE=$$offline \
+		--build-arg VERSION=$$($(BIN)/python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])') \
+		--build-arg SOURCE=$$(git remote get-url origin 2>/dev/null || echo local) .
+	docker image inspect -f '{{.Size}}' $(IMAGE) | awk '{ printf "$(IMAGE): %d MB\n", $$1 / 1e6 }'
+
+# CI check of the image: build, run, call, SIGTERM, hadolint (scripts/docker_check.sh).
+docker-check: $(BIN)/gemma-export
+	bash scripts/docker_check.sh
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
