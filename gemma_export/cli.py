@@ -297,6 +297,63 @@ def bench(
     _emit({k: v for k, v in res.items() if k != "greedy_tokens"} | {"greedy_tokens": res["greedy_tokens"]}, json_out, text)
 
 
+@app.command()
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 for every interface).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together in one batch.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting for a batch slot; beyond it 429.")] = 64,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Prompt tokens per prefill step while other requests decode (bounds their stall).")
+    ] = 256,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="GEMMA_EXPORT_API_KEY", show_envvar=True,
+                                    help="Require 'Authorization: Bearer KEY' on every route but /health.")
+    ] = None,
+    served_model_name: Annotated[
+        Optional[str], typer.Option(help="Model name in /v1/models and responses (default: the directory's name).")
+    ] = None,
+    cors_origin: Annotated[
+        Optional[list[str]], typer.Option(help="Allow browser calls from this origin (repeatable; none by default).")
+    ] = None,
+    verify_checksums: Annotated[
+        bool, typer.Option("--verify-checksums/--no-verify-checksums",
+                           help="Check every artifact file's sha256 against the manifest before serving.")
+    ] = True,
+    portable: PortableOpt = False,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompts and the access log (off: "
+                                              "prompts never reach the logs).")] = False,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM.")] = 10.0,
+) -> None:
+    """Serve an artifact with an OpenAI-compatible API (completions, chat, streaming) and continuous batching."""
+    from gemma_export.errors import RuntimeConfigError
+    from gemma_export.runtime.session import Provider
+
+    try:
+        from gemma_export.server.main import ServeOptions, serve as run_server
+    except ImportError as e:
+        raise RuntimeConfigError(f"serve needs the server packages ({e.name} is missing): "
+                                 "pip install 'gemma-export[serve]'") from None
+
+    prov = _choice(Provider, provider, "--provider")
+    for value, hint, low in ((port, "--port", 0), (max_batch, "--max-batch", 1), (max_queue, "--max-queue", 0),
+                             (prefill_chunk, "--prefill-chunk", 1)):
+        if value < low:
+            raise typer.BadParameter(f"must be >= {low}", param_hint=hint)
+    if api_key is not None and not api_key.strip():
+        raise typer.BadParameter("must not be empty", param_hint="--api-key")
+    run_server(artifact, ServeOptions(
+        host=host, port=port, provider=prov.value, threads=threads, max_batch=max_batch, max_queue=max_queue,
+        prefill_chunk=prefill_chunk, api_key=api_key, served_model_name=served_model_name,
+        cors_origins=tuple(cors_origin or ()), verify_checksums=verify_checksums, portable=portable,
+        log_prompts=log_prompts, grace=grace,
+    ))
+
+
 def _read_prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
     if prompt_file is not None:
         if prompt:

@@ -209,6 +209,46 @@ def _held_suffix(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class TextStream:
+    """One sequence's text as its ids arrive: never half a UTF-8 character, and never text
+    that a stop string may still claim. `push` and `flush` return the text that became
+    final; once a stop string appears, `stopped` is set and the text before it is the last.
+    Used by `generate_text` and by the server's engine (one per request)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self._decoder = tokenizer.stream_decoder()
+        self._stop = tuple(stop)
+        self._pending = ""  # decoded text held back: it may be the start of a stop string
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        return self._take(self._decoder.push(token_id))
+
+    def flush(self) -> str:
+        """At the end of the sequence: whatever is still held (unless a stop string claims it)."""
+        if self.stopped:
+            return ""
+        text = self._take(self._decoder.flush())
+        if self.stopped:
+            return text
+        text, self._pending = text + self._pending, ""
+        return text
+
+    def _take(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self._pending += text
+        for s in self._stop:
+            i = self._pending.find(s)
+            if i >= 0:
+                self.stopped = True
+                out, self._pending = self._pending[:i], ""
+                return out
+        cut = len(self._pending) - _held_suffix(self._pending, self._stop)
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+
 def generate_text(
     sess: DecoderSession,
     tokenizer,
@@ -229,9 +269,8 @@ def generate_text(
     texts_in = [chat_prompt(p) if chat else p for p in prompts]
     ids = [tokenizer.encode(t, add_bos=True) for t in texts_in]
     B = len(ids)
-    streams = [tokenizer.stream_decoder() for _ in range(B)]
+    streams = [TextStream(tokenizer, cfg.stop) for _ in range(B)]
     done: list[list[str]] = [[] for _ in range(B)]
-    pending = [""] * B
 
     def commit(b: int, text: str) -> None:
         if text:
@@ -239,33 +278,14 @@ def generate_text(
             if on_text is not None:
                 on_text(b, text)
 
-    def take(b: int, text: str) -> bool:
-        pending[b] += text
-        for s in cfg.stop:
-            i = pending[b].find(s)
-            if i >= 0:
-                commit(b, pending[b][:i])
-                pending[b] = ""
-                return True
-        keep = _held_suffix(pending[b], cfg.stop)
-        cut = len(pending[b]) - keep
-        commit(b, pending[b][:cut])
-        pending[b] = pending[b][cut:]
-        return False
-
-    stopped = [False] * B
-
     def on_token(b: int, tok: int) -> bool:
-        stopped[b] = take(b, streams[b].push(tok))
-        return stopped[b]
+        commit(b, streams[b].push(tok))
+        return streams[b].stopped
 
     res = generate_ids(sess, ids, cfg, on_token)
     for b in range(B):
-        if not stopped[b]:
-            stopped[b] = take(b, streams[b].flush())
-            if not stopped[b]:
-                commit(b, pending[b])
-        if stopped[b]:
+        commit(b, streams[b].flush())
+        if streams[b].stopped:
             res.finish_reasons[b] = "stop"
     rate = (res.decode_steps * B / res.decode_seconds) if res.decode_seconds > 0 else 0.0
     return TextResult(

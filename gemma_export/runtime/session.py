@@ -24,7 +24,7 @@ import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -159,6 +159,56 @@ class DecoderSession:
                 a[:, :, : cache.length] = v.numpy()[:, :, : cache.length]
             out.append(self._to_device(a))
         return out
+
+    # -- rows joining and leaving a batch (the server's continuous batching) ---------------------
+
+    def select_rows(self, cache: KVCache, rows: Sequence[int], trim: int = 0, reserve: int = 0) -> KVCache:
+        """A new cache holding `rows` of `cache`, without its first `trim` positions (columns
+        that are left padding in every kept row). `reserve`: extra positions a shared-layout
+        cache keeps free for the steps to come."""
+        if not rows:
+            raise RuntimeConfigError("select_rows needs at least one row")
+        if not 0 <= trim <= cache.length:
+            raise RuntimeConfigError(f"cannot trim {trim} of {cache.length} positions")
+        idx = np.asarray(rows, np.int64)
+        return self._cache_from_host([a[idx, :, trim:] for a in self._host(cache)], reserve)
+
+    def merge_caches(self, caches: Sequence[KVCache], reserve: int = 0) -> KVCache:
+        """One cache with the rows of `caches` in order, right-aligned: a shorter cache is
+        left-padded with zero K/V (its rows' attention_mask must be 0 there), so every
+        row's newest position is the last one and all rows advance together."""
+        if not caches:
+            raise RuntimeConfigError("merge_caches needs at least one cache")
+        length = max(c.length for c in caches)
+        parts = [self._host(c) for c in caches]
+        merged = []
+        for t in range(len(self.past_names)):
+            pieces = []
+            for c, host in zip(caches, parts):
+                a = host[t]  # [B_c, kv, length_c, D]
+                if c.length < length:
+                    pad = np.zeros(a.shape[:2] + (length - c.length,) + a.shape[3:], a.dtype)
+                    a = np.concatenate([pad, a], axis=2)
+                pieces.append(a)
+            merged.append(np.concatenate(pieces, axis=0))  # [sum B_c, kv, length, D]
+        return self._cache_from_host(merged, reserve)
+
+    def _host(self, cache: KVCache) -> list[np.ndarray]:
+        """The cache's filled positions on the host, [B, kv, length, D] per tensor (a copy
+        through the host on CUDA: rows join and leave rarely, steps never come here)."""
+        return [v.numpy()[:, :, : cache.length] for v in cache.values]
+
+    def _cache_from_host(self, arrays: list[np.ndarray], reserve: int) -> KVCache:
+        length = arrays[0].shape[2]
+        if not self.shared_cache:
+            return KVCache([self._to_device(a) for a in arrays], length)
+        capacity = max(length, min(length + reserve, self.max_length))
+        out = []
+        for a in arrays:
+            buf = np.zeros(a.shape[:2] + (capacity,) + a.shape[3:], self.kv_dtype)
+            buf[:, :, :length] = a
+            out.append(self._to_device(buf))
+        return KVCache(out, length, _Chain(filled=length))  # new buffers: a chain of their own
 
     # -- one step ------------------------------------------------------------------------------
 
