@@ -74,12 +74,15 @@ def machine_line() -> str:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem = float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-dir", type=Path, default=HERE / ".work", help="venvs, artifacts, logs (default benchmarks/.work)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", type=Path, default=HERE / ".work",
+                    help="venvs, artifacts, logs (default benchmarks/.work)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for every system")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")

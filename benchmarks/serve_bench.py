@@ -329,7 +329,7 @@ def measure(runner: Runner, system: ServeSystem, target: Path, llama_server: Pat
         cmd = server_command(system, target, llama_server, port, a.threads, streams, a.max_queue or 4 * streams)
         server = Server(cmd, runner.logs / f"serve-{system.name}-n{streams}-r{round_no}.log", port)
 
-        def probe() -> tuple[int, int, float, float]:  # all jiffies, idle jiffies, server CPU s, own CPU s
+        def probe(server=server) -> tuple[int, int, float, float]:  # all / idle jiffies, server / own CPU s
             r = resource.getrusage(resource.RUSAGE_SELF)
             return (*_cpu_times(), server.cpu_seconds(), r.ru_utime + r.ru_stime)
         try:
@@ -494,7 +494,7 @@ def write_results(report: dict, path: Path, chart: Path) -> None:
         lines += [
             f"> **Not a result:** {len(disturbed)} of {sum(1 for r in results if r.get('ok'))} measurements ran while "
             f"other work kept more than {meta['busy_limit']} cores busy"
-            + (f", and a single round was run" if meta["rounds"] < 2 else "")
+            + (", and a single round was run" if meta["rounds"] < 2 else "")
             + ". Rerun on a quiet machine before quoting these numbers.",
             "",
         ]
@@ -554,8 +554,9 @@ def write_results(report: dict, path: Path, chart: Path) -> None:
               "| streams | system | round | tok/s | window s | other work (during / before / waited s / attempts) | "
               "client cores | server start s |", "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in sorted((r for r in results if r.get("ok")), key=lambda r: (r["streams"], r["system"], r["round"])):
-        lines.append(f"| {r['streams']} | `{r['system']}` | {r['round']} | {r['aggregate_tps']:.1f} | {r['window_s']:.1f} "
-                     f"| {r['other_cores_during']} / {r['busy_cores_before']} / {r['waited_s']} / {r['attempts']} | "
+        lines.append(f"| {r['streams']} | `{r['system']}` | {r['round']} | {r['aggregate_tps']:.1f} "
+                     f"| {r['window_s']:.1f} | {r['other_cores_during']} / {r['busy_cores_before']} / "
+                     f"{r['waited_s']} / {r['attempts']} | "
                      f"{r['client_cores']} | {r['startup_s']} |")
     errs = {(k, e) for k, s in summ.items() for e in s["error_samples"]}
     if errs or failed:
@@ -614,20 +615,23 @@ def render(report: dict, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", type=Path, default=HERE / ".work", help="artifacts, llama-server build, logs")
     ap.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=list(BY_SERVE_NAME),
                     metavar="SYSTEM", help=f"servers to measure: {', '.join(BY_SERVE_NAME)} "
                     f"(default {' '.join(DEFAULT_SYSTEMS)})")
     ap.add_argument("--llama-server", type=Path, help="a prebuilt llama-server (default: build it under --work-dir)")
-    ap.add_argument("--build-jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs for the llama-server build")
+    ap.add_argument("--build-jobs", type=int, default=os.cpu_count() or 2,
+                    help="parallel jobs for the llama-server build")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")
     ap.add_argument("--threads", type=int, default=2, help="threads for every server")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--requests-per-stream", type=int, default=4, help="requests each stream sends back to back")
     ap.add_argument("--duration", type=float, help="instead: streams send requests until this many seconds passed")
     ap.add_argument("--new-tokens", type=int, default=128, help="max_tokens of every request (ignore_eos)")
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in our tokenizer's tokens, <bos> included")
+    ap.add_argument("--prompt-tokens", type=int, default=128,
+                    help="prompt length in our tokenizer's tokens, <bos> included")
     ap.add_argument("--prompt-stride", type=int, default=16, help="tokens between the starts of two prompt slices")
     ap.add_argument("--max-queue", type=int, default=0, help="ours: --max-queue (default 4 x streams)")
     ap.add_argument("--start-timeout", type=float, default=300, help="longest wait for a server's /health (s)")

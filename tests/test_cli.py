@@ -283,7 +283,8 @@ def test_generate_batch_from_prompt_file(artifact, tmp_path, capsys):
 
 
 def test_generate_is_reproducible_with_a_seed(artifact, capsys):
-    args = ["generate", str(artifact), "Hello", "--max-new-tokens", "6", "--temperature", "1.5", "--seed", "7", "--json"]
+    args = ["generate", str(artifact), "Hello", "--max-new-tokens", "6", "--temperature", "1.5", "--seed", "7",
+            "--json"]
     texts = []
     for _ in range(2):
         assert main(args) == 0

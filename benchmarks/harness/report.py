@@ -68,7 +68,8 @@ def write_results(report: dict, path: Path) -> None:
         f"- Command: `{meta['command']}`",
         f"- Total wall time: {meta['wall_s'] / 60:.1f} min (installs, artifact builds and measurement)",
         "",
-        "| system | precision | decode tok/s (round min–max) | prefill 128 (s) | peak RSS | artifact size | top-1 vs transformers fp32 "
+        "| system | precision | decode tok/s (round min–max) | prefill 128 (s) | peak RSS | artifact size "
+        "| top-1 vs transformers fp32 "
         "(teacher-forced) | first 32 greedy tokens equal | ours ÷ peer (decode tok/s) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]

@@ -128,7 +128,8 @@ class Runner:
             return out
         prec = system.name.split("-", 1)[1]
         if prec == "fp32":
-            self.gemma_export("export", "--out", str(out), "--force", "--no-verify", "--json", logname="prepare-ours-fp32")
+            self.gemma_export("export", "--out", str(out), "--force", "--no-verify", "--json",
+                              logname="prepare-ours-fp32")
         else:
             src = self.prepare(BY_NAME["ours-fp32"])
             self.gemma_export("quantize", str(src), "--precision", prec, "--out", str(out), "--force",

@@ -62,7 +62,8 @@ GENERATE = "from gemma_export.runtime.generate import SamplingConfig, load_gener
            "ignore_eos=True)); print(json.dumps(r.token_ids[0]))"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as another user")
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to act as another user")
 def test_another_user_generates_from_an_artifact_root_exported():
     # Outside pytest's tmp_path, whose parents are private to root.
     root = Path(tempfile.mkdtemp(prefix="gemma-export-modes-", dir="/tmp"))

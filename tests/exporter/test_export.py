@@ -69,7 +69,8 @@ def test_io_contract(tiny_artifacts, name):
     default = [i for i in graph.initializer if i.name == "num_logits_to_keep"]
     assert len(default) == 1 and onnx.numpy_helper.to_array(default[0]) == 0
     assert manifest["io"]["inputs"]["num_logits_to_keep"]["default"] == 0
-    assert (BATCH, SEQ, PAST, TOTAL) == ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
+    assert (BATCH, SEQ, PAST, TOTAL) == (
+        "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma2"])

@@ -53,7 +53,8 @@ def _with_graph(src, dst, proto):
 
 def _logits(sess):
     rng = np.random.default_rng(0)
-    ids = np.array([[2] + rng.integers(4, sess.vocab_size, 20).tolist(), [0] * 6 + [2] + rng.integers(4, sess.vocab_size, 14).tolist()])
+    ids = np.array([[2] + rng.integers(4, sess.vocab_size, 20).tolist(),
+                    [0] * 6 + [2] + rng.integers(4, sess.vocab_size, 14).tolist()])
     mask = (np.arange(21)[None] >= np.array([[0], [6]])).astype(np.int64)
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     logits, cache = sess.forward(ids, mask, pos, sess.new_cache(2))
@@ -170,7 +171,7 @@ def test_attention_rule_and_shared_cache(plain, tmp_path, name):
     assert fused.shared_cache and not ref_sess.shared_cache
     states = [(s, s.new_cache(3, capacity=22)) for s in (ref_sess, fused)]
     outs = [[], []]
-    for step in range(6):
+    for _ in range(6):
         for k, (s, cache) in enumerate(states):
             logits, cache = s.forward(ids, mask, pos, cache)
             states[k] = (s, cache)

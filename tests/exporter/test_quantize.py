@@ -380,7 +380,8 @@ def test_float_zero_points_become_integer_codes_plus_exact_offset():
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, kb * bs])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((2, 3, kb * bs)).astype(np.float32)
     y = sess.run(None, {"x": x})[0]

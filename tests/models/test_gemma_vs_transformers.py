@@ -67,7 +67,8 @@ def test_incremental_decode_matches_transformers_cache(name):
     ids = torch.randint(4, model.config.vocab_size, (1, 20), generator=g)
     with torch.no_grad():
         ref = hf(input_ids=ids).logits[0]
-        logits, cache = model(ids[:, :5], torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None], model.empty_cache(1))
+        logits, cache = model(ids[:, :5], torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None],
+                              model.empty_cache(1))
         rows = [logits[0]]
         for t in range(5, 20):
             logits, cache = model(ids[:, t : t + 1], torch.ones(1, t + 1, dtype=torch.long), torch.tensor([[t]]), cache)

@@ -404,6 +404,7 @@ def test_gguf_name_table_reads_both_ways():
     assert gguf_name("model.layers.7.self_attn.q_proj.weight") == "blk.7.attn_q.weight"
     assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
     assert gguf_name("model.layers.7.post_attention_layernorm.weight") is None
-    assert checkpoint_name("blk.7.ffn_norm.weight", sandwich_norms=False) == "model.layers.7.post_attention_layernorm.weight"
-    assert checkpoint_name("blk.7.ffn_norm.weight", sandwich_norms=True) == "model.layers.7.pre_feedforward_layernorm.weight"
+    layer = "model.layers.7"
+    assert checkpoint_name("blk.7.ffn_norm.weight", sandwich_norms=False) == f"{layer}.post_attention_layernorm.weight"
+    assert checkpoint_name("blk.7.ffn_norm.weight", sandwich_norms=True) == f"{layer}.pre_feedforward_layernorm.weight"
     assert checkpoint_name("blk.7.unknown.weight", sandwich_norms=True) is None

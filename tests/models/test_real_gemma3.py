@@ -52,6 +52,7 @@ def test_greedy_32_tokens_identical(real_ckpt, hf_real):
             t = int(logits[0, -1].argmax())
             ours.append(t)
             p = cache[0].shape[2]
-            logits, cache = model(torch.tensor([[t]]), torch.ones(1, p + 1, dtype=torch.long), torch.tensor([[p]]), cache)
+            logits, cache = model(torch.tensor([[t]]), torch.ones(1, p + 1, dtype=torch.long), torch.tensor([[p]]),
+                                  cache)
     assert ours == ref
     assert "France" in tok.decode(ours)

@@ -154,7 +154,8 @@ def test_batched_greedy_equals_each_request_alone(which, max_batch, tiny_fp32, t
     the next join drops them in its merge."""
     path = tiny_fp32 if which == "fp32" else tiny_int8
     prompts = _prompts(16)
-    cfgs = [SamplingConfig(max_new_tokens=int(n), ignore_eos=True) for n in np.random.default_rng(1).integers(4, 24, 16)]
+    lengths = np.random.default_rng(1).integers(4, 24, 16)
+    cfgs = [SamplingConfig(max_new_tokens=int(n), ignore_eos=True) for n in lengths]
     eng = _engine(path, max_batch=max_batch, prefill_chunk=16)  # 5: requests wait for rows to leave
     try:
         together = _run(eng, prompts, cfgs)
