@@ -157,7 +157,8 @@ def export(
 def quantize(
     src: Annotated[Path, typer.Argument(help="An fp32 artifact directory written by `export`.")],
     precision: Annotated[
-        str, typer.Option(help="fp16 / bf16 (mixed precision, for CUDA), int8, int4, or gguf (the GGUF source's own blocks).")
+        str, typer.Option(help="fp16 / bf16 (mixed precision, for CUDA), int8, int4, or gguf (the GGUF source's "
+                               "own blocks).")
     ] = ...,
     out: OutOpt = ...,
     block_size: BlockSizeOpt = None,
@@ -308,7 +309,8 @@ def bench(
         f"{res['prefill_seconds'] * 1000:.0f} ms, decode {res['decode_tokens_per_second']:.1f} tok/s, "
         f"peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB, artifact {res['size_bytes'] / 1e6:.0f} MB"
     )
-    _emit({k: v for k, v in res.items() if k != "greedy_tokens"} | {"greedy_tokens": res["greedy_tokens"]}, json_out, text)
+    _emit({k: v for k, v in res.items() if k != "greedy_tokens"} | {"greedy_tokens": res["greedy_tokens"]}, json_out,
+          text)
 
 
 @app.command()
@@ -379,7 +381,8 @@ def _read_prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[st
         prompts = [ln.replace("\\n", "\n") for ln in lines if ln.strip()]
     elif not prompt or prompt == ["-"]:
         if sys.stdin is None or sys.stdin.isatty():
-            raise typer.BadParameter("no prompt given (pass text, '-' for stdin, or --prompt-file)", param_hint="PROMPT")
+            raise typer.BadParameter("no prompt given (pass text, '-' for stdin, or --prompt-file)",
+                                     param_hint="PROMPT")
         prompts = [sys.stdin.read()]
     else:
         prompts = list(prompt)

@@ -113,9 +113,10 @@ def _build(out: Path, *, force: bool, recipe: ArtifactRecipe, cfg, tok: bytes | 
     with art.staging_dir(out, force) as tmp:
         scratch = tmp / ".fp32"
         fp32_model = fp32_into(tmp if recipe.precision == Precision.FP32 else scratch)
-        label = "fusing for ONNX Runtime" if recipe.precision == Precision.FP32 else f"quantizing ({recipe.precision.value})"
-        if recipe.precision == Precision.FP32 and not optimize:
-            label = "summarising graph"
+        if recipe.precision != Precision.FP32:
+            label = f"quantizing ({recipe.precision.value})"
+        else:
+            label = "fusing for ONNX Runtime" if optimize else "summarising graph"
         with progress.stage(label):
             made = recipe.apply(Job(fp32_model=fp32_model, dst=tmp, cfg=cfg, optimize=optimize, progress=progress,
                                     gguf_path=gguf_path,
@@ -281,7 +282,8 @@ def verify_dir(d: Path, model: str | None = None, *, steps: int = 64, progress: 
         ckpt = _load_source(d, manifest, model)
     with progress.stage("verifying parity"):
         report = _verify(d, manifest, ckpt, steps, progress)
-    res = {"artifact": str(d), "model": ckpt.description, "parity": report.to_dict(), "parity_table": format_report(report)}
+    res = {"artifact": str(d), "model": ckpt.description, "parity": report.to_dict(),
+           "parity_table": format_report(report)}
     if not report.passed:
         raise ParityError(f"{d}: parity FAILED for {report.precision}", res)
     return res

@@ -199,7 +199,7 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
         if kind == "matmul":
             wname = node.input[1]
             k, n = inits[wname].dims  # the exporter stores [K, N]; blocks run along K
-            b = src.blocks(wname, (n, k), lambda: _array(inits, wname).T, moments, node.input[0])
+            b = src.blocks(wname, (n, k), lambda wname=wname: _array(inits, wname).T, moments, node.input[0])
             prefix = wname[: -len(".weight")]
             nodes.extend(_matmulnbits(node.name.replace("/MatMul", "/MatMulNBits"), node.input[0], node.output[0],
                                       b, prefix, new_inits, recipe.accuracy_level))

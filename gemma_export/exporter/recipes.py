@@ -241,7 +241,9 @@ def make_recipe(precision: Precision | str, options: RecipeOptions | None = None
             verb = "applies" if len(given) == 1 else "apply"
             targets = "int8, int4 and gguf" if set(given) == {"accuracy_level"} else "int8 and int4"
             raise UsageError(f"--precision {precision.value}: {flags} {verb} to {targets} only")
-        return Fp32Recipe() if precision == Precision.FP32 else NarrowArtifactRecipe(narrow.NarrowRecipe(precision.value))
+        if precision == Precision.FP32:
+            return Fp32Recipe()
+        return NarrowArtifactRecipe(narrow.NarrowRecipe(precision.value))
     if precision == Precision.GGUF and {"block_size", "symmetric", "gptq"} & given.keys():
         raise UsageError("--precision gguf: block size, symmetry and rounding come from the GGUF file")
     bs = given.get("block_size")

@@ -198,7 +198,8 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> bytes:
         add_space_prefix = not architecture.startswith("gemma")
     if add_space_prefix:
         raise CheckpointError(
-            f"{path}: the GGUF's vocabulary adds a leading space (add_space_prefix); only Gemma's, without one, is supported"
+            f"{path}: the GGUF's vocabulary adds a leading space (add_space_prefix); only Gemma's, without one, "
+            "is supported"
         )
 
     # Gemma's ids where the file is silent (pad 0, eos 1, bos 2, unk 3).

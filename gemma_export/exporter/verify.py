@@ -171,7 +171,8 @@ def onnx_teacher_forced(sess: DecoderSession, prompt: list[int], tokens: list[in
     return np.concatenate(rows)
 
 
-def onnx_ragged_batch(sess: DecoderSession, seqs: list[list[int]], prompt_lens: list[int], steps: int) -> list[np.ndarray]:
+def onnx_ragged_batch(sess: DecoderSession, seqs: list[list[int]], prompt_lens: list[int],
+                      steps: int) -> list[np.ndarray]:
     """All prompts left-padded into one batch, then `steps` teacher-forced decode steps.
     Returns, per row, logits [prompt_len + steps, V] for the real positions."""
     B, width = len(seqs), max(prompt_lens)
@@ -214,7 +215,8 @@ def verify_artifact(
     seqs, onnx_rows = [], []
     for i, prompt in enumerate(prompts):
         progress.count("comparing prompts", i, len(prompts))
-        ref, tokens = _cached(model, ("greedy", tuple(prompt), steps), lambda: torch_greedy(model, prompt, steps))
+        ref, tokens = _cached(model, ("greedy", tuple(prompt), steps),
+                              lambda prompt=prompt: torch_greedy(model, prompt, steps))
         got = onnx_teacher_forced(sess, prompt, tokens)
         nonfinite += int((~np.isfinite(got)).sum())
         max_abs = max(max_abs, _max_abs(got, ref))
@@ -301,5 +303,6 @@ def format_report(report: ParityReport) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     verdict = "PASS" if report.passed else "FAIL"
-    lines.append(f"parity {verdict}: {report.precision}, prompts of {report.prompts} tokens, {report.steps} decode steps")
+    lines.append(f"parity {verdict}: {report.precision}, prompts of {report.prompts} tokens, "
+                 f"{report.steps} decode steps")
     return "\n".join(lines)

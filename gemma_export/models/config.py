@@ -201,7 +201,8 @@ class GemmaConfig:
             elif d.get("layer_types"):
                 types = tuple(LayerType(t) for t in d["layer_types"])
             else:
-                pattern = 2 if family == 2 else int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+                pattern = 2 if family == 2 else int(
+                    d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
                 types = tuple(
                     LayerType.SLIDING if (i + 1) % pattern else LayerType.GLOBAL for i in range(layers)
                 )

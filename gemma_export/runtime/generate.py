@@ -332,7 +332,8 @@ class Generator:
         return generate_text(self.session, self.tokenizer, prompts, cfg, chat=chat, on_text=on_text)
 
 
-def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None, portable: bool = False) -> Generator:
+def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None,
+                   portable: bool = False) -> Generator:
     from pathlib import Path
 
     from gemma_export.errors import ArtifactError

@@ -359,7 +359,8 @@ class Engine:
             try:
                 cache = self.session.select_rows(b.cache, [i], reserve=RESERVE)
                 mask = np.concatenate([b.mask[i:i + 1], np.ones((1, 1), np.int64)], axis=1)
-                logits, cache = self.session.forward(b.next_tokens[i:i + 1, None], mask, b.pos[i:i + 1, None] + 1, cache)
+                logits, cache = self.session.forward(b.next_tokens[i:i + 1, None], mask, b.pos[i:i + 1, None] + 1,
+                                                     cache)
             except Exception as e:
                 self._fail(s, e)
                 continue
