@@ -14,6 +14,16 @@ TINY = ("tiny-gemma1", "tiny-gemma2", "tiny-gemma3")
 # Tests run with few threads: the machine has 2 cores and numbers must not depend on it.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Fixtures that export and verify artifacts (tens of seconds each on 2 cores): a test that
+# uses one is `slow`, so `make test-fast` (-m "not real and not slow") runs without them.
+SLOW_FIXTURES = {"tiny_artifacts", "plain", "tiny_fp32", "tiny_int8", "server", "client", "exported"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:

@@ -120,6 +120,7 @@ def test_export_json_prints_one_object(exported):
     assert (d / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_export_text_prints_parity_table_via_console_script(tmp_path):
     """The one run through the installed console script end to end."""
     d = tmp_path / "art"

@@ -88,6 +88,7 @@ def test_non_empty_out_without_force(tmp_path, monkeypatch):
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_force_replaces_with_a_valid_artifact(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
