@@ -125,11 +125,11 @@ class Fp32Recipe:
 
 
 @dataclass(frozen=True)
-class NarrowArtifactRecipe:
-    """fp16 / bf16 for CUDA: products narrow, the rest fp32 (exporter/narrow.py), fused
-    first; a CPU graph beside it that rounds as a narrow GEMM does, on the same weights."""
+class _WithParams:
+    """A recipe whose parameters are their own dataclass: its `name` is the precision, its
+    to_dict() the manifest's `recipe`."""
 
-    params: narrow.NarrowRecipe
+    params: Any
 
     @property
     def precision(self) -> Precision:
@@ -137,6 +137,14 @@ class NarrowArtifactRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return self.params.to_dict()
+
+
+@dataclass(frozen=True)
+class NarrowArtifactRecipe(_WithParams):
+    """fp16 / bf16 for CUDA: products narrow, the rest fp32 (exporter/narrow.py), fused
+    first; a CPU graph beside it that rounds as a narrow GEMM does, on the same weights."""
+
+    params: narrow.NarrowRecipe
 
     def apply(self, job: Job) -> Made:
         import onnx
@@ -157,19 +165,12 @@ class NarrowArtifactRecipe:
 
 
 @dataclass(frozen=True)
-class IntegerRecipe:
+class IntegerRecipe(_WithParams):
     """int8 / int4 / gguf for CPUs: weight-only blocks through MatMulNBits and
     GatherBlockQuantized (exporter/quantize.py), fused after; where attention fuses onto a
     shared KV buffer, the contract-exact graph ships beside it on the same weights."""
 
     params: Recipe
-
-    @property
-    def precision(self) -> Precision:
-        return Precision(self.params.name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.params.to_dict()
 
     def apply(self, job: Job) -> Made:
         import onnx
