@@ -333,13 +333,14 @@ class Generator:
 
 
 def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None,
-                   portable: bool = False) -> Generator:
+                   portable: bool = False, verify_checksums: bool = False) -> Generator:
     from pathlib import Path
 
     from gemma_export.errors import ArtifactError
     from gemma_export.runtime.tokenizer import Tokenizer
 
-    sess = DecoderSession(artifact_dir, provider=provider, threads=threads, portable=portable)
+    sess = DecoderSession(artifact_dir, provider=provider, threads=threads, portable=portable,
+                          verify_checksums=verify_checksums)
     name = sess.manifest.tokenizer
     if not name:
         raise ArtifactError(f"{artifact_dir}: artifact has no tokenizer.model, so it cannot generate text")

@@ -43,12 +43,10 @@ def loader(artifact_dir: Path, opts: ServeOptions):
 
     def load():
         from gemma_export.runtime.generate import load_generator
-        from gemma_export.runtime.manifest import Manifest
         from gemma_export.server.engine import Engine
 
-        if opts.verify_checksums:
-            Manifest.read(artifact_dir).check_files(artifact_dir, hashes=True)
-        gen = load_generator(artifact_dir, provider=opts.provider, threads=opts.threads, portable=opts.portable)
+        gen = load_generator(artifact_dir, provider=opts.provider, threads=opts.threads, portable=opts.portable,
+                             verify_checksums=opts.verify_checksums)
         return Engine(gen.session, gen.tokenizer, max_batch=opts.max_batch, max_queue=opts.max_queue,
                       prefill_chunk=opts.prefill_chunk)
 

@@ -28,3 +28,23 @@ def test_not_an_artifact_is_one_line_exit_1(tmp_path):
 def test_bad_options_are_usage_errors(tmp_path, args, hint):
     rc, _, err = run_main(["serve", str(tmp_path), *args])
     assert rc == 2 and hint in err
+
+
+def test_checksums_are_checked_at_load_unless_skipped(tiny_fp32, tmp_path):
+    """A modified weights file of consistent size: refused at load by default (sha256),
+    loaded with verify_checksums off (--no-verify-checksums)."""
+    import shutil
+
+    from gemma_export.contract import DATA_FILE
+    from gemma_export.errors import ArtifactError
+    from gemma_export.server.main import ServeOptions, loader
+
+    art = tmp_path / "a"
+    shutil.copytree(tiny_fp32, art)
+    raw = bytearray((art / DATA_FILE).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (art / DATA_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="sha256"):
+        loader(art, ServeOptions(provider="cpu"))()
+    engine = loader(art, ServeOptions(provider="cpu", verify_checksums=False))()
+    assert engine.session.dir == art
