@@ -17,7 +17,6 @@ because an artifact is a deliverable that other users and containers read.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -25,7 +24,7 @@ import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from gemma_export import __version__
 from gemma_export.errors import ExportError
@@ -134,9 +133,3 @@ def versions() -> dict[str, str]:
             pass
     return out
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a JSON file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)

@@ -28,7 +28,7 @@ from gemma_export.exporter.recipes import ArtifactRecipe, Job, Made, RecipeOptio
 from gemma_export.exporter.verify import format_report, verify_artifact
 from gemma_export.models.load import DEFAULT_MODEL, Checkpoint, load_model
 from gemma_export.progress import NULL, Progress
-from gemma_export.runtime.manifest import Manifest, Source
+from gemma_export.runtime.manifest import Manifest, Source, write_json
 from gemma_export.runtime.session import DecoderSession
 
 
@@ -68,8 +68,8 @@ def _encoder(tok: bytes | None):
 def _write_side_files(d: Path, cfg, tok: bytes | None) -> None:
     if tok is not None:
         (d / TOKENIZER_FILE).write_bytes(tok)
-    art.write_json(d / HF_CONFIG_FILE, cfg.to_hf_dict())
-    art.write_json(
+    write_json(d / HF_CONFIG_FILE, cfg.to_hf_dict())
+    write_json(
         d / GENERATION_CONFIG_FILE,
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id},
     )
@@ -262,7 +262,7 @@ def _verify(d: Path, manifest: Manifest, ckpt: Checkpoint, steps: int, progress:
             encode = tok.encode
     report = verify_artifact(sess, ckpt.model, encode=encode, corpus_encode=corpus_encode, steps=steps,
                              progress=progress)
-    art.write_json(d / PARITY_FILE, report.to_dict())
+    write_json(d / PARITY_FILE, report.to_dict())
     manifest.parity = {
         "passed": report.passed,
         "metrics": {m.name: {"measured": m.measured, "threshold": m.threshold, "op": m.op} for m in report.metrics},

@@ -25,6 +25,14 @@ FORMAT = "gemma-export"
 FORMAT_VERSION = 1
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a JSON file (the
+    manifest, and the exporter's other JSON files)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -114,11 +122,7 @@ class Manifest:
         return d
 
     def write(self, artifact_dir: Path | str) -> None:
-        """Write manifest.json via a temporary file and rename: a reader never sees half of it."""
-        path = Path(artifact_dir) / MANIFEST_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        write_json(Path(artifact_dir) / MANIFEST_FILE, self.to_dict())
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST_FILE) -> Manifest:
