@@ -35,14 +35,12 @@ import argparse
 import datetime as dt
 import json
 import shlex
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from harness.report import fmt_bytes, write_results
-from harness.runner import DEV_PY, HERE, Runner, StepFailed, dir_size, log
+from harness.runner import DEV_PY, HERE, Runner, StepFailed, add_quiet_options, dir_size, log, machine_line
 from harness.systems import BY_NAME, REFERENCE, SYSTEMS, System
 from harness.workers import run_task
 
@@ -61,23 +59,6 @@ def select(only: list[str] | None) -> list[System]:
     return chosen
 
 
-def machine_line() -> str:
-    cpu = "unknown CPU"
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="SYSTEM", help="systems or families: " + ", ".join(BY_NAME))
     ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="report to write")
     ap.add_argument("--report-only", action="store_true", help="rewrite --results from --work-dir/results.json")
-    ap.add_argument("--busy-limit", type=float, default=0.3,
-                    help="before each measurement, wait while other work keeps more CPU cores than this busy")
-    ap.add_argument("--max-wait", type=float, default=900, help="longest wait for a quiet machine per measurement (s)")
-    ap.add_argument("--max-wait-total", type=float, default=3600, help="longest total wait over the run (s)")
-    ap.add_argument("--retries", type=int, default=2,
-                    help="measure a round again when other work used more than --busy-limit cores during it")
+    add_quiet_options(ap, "round")
     ap.add_argument("--run-timeout", type=float, default=1800, help="longest one measurement process may run (s)")
     args = ap.parse_args(argv)
     if min(args.threads, args.new_tokens, args.prompt_tokens, args.rounds, args.repeats) < 1:

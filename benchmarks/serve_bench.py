@@ -51,9 +51,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from harness.runner import DEV_PY, HERE, REPO, Runner, StepFailed, _cpu_times, log, one_line
+from harness.runner import (
+    DEV_PY, HERE, REPO, Runner, StepFailed, _cpu_times, add_quiet_options, log, machine_line, one_line,
+)
 from harness.systems import BY_NAME, VENVS
-from run_benchmarks import machine_line
 
 from gemma_export.contract import CORPUS
 
@@ -322,14 +323,13 @@ def measure(runner: Runner, system: ServeSystem, target: Path, llama_server: Pat
     import resource
 
     a = runner.args
-    best = None
-    for attempt in range(a.retries + 1):
-        quiet = runner.wait_for_quiet()
+
+    def run_once(attempt: int, quiet: dict) -> dict:
         port = free_port()
         cmd = server_command(system, target, llama_server, port, a.threads, streams, a.max_queue or 4 * streams)
         server = Server(cmd, runner.logs / f"serve-{system.name}-n{streams}-r{round_no}.log", port)
 
-        def probe(server=server) -> tuple[int, int, float, float]:  # all / idle jiffies, server / own CPU s
+        def probe() -> tuple[int, int, float, float]:  # all / idle jiffies, server CPU s, own CPU s
             r = resource.getrusage(resource.RUSAGE_SELF)
             return (*_cpu_times(), server.cpu_seconds(), r.ru_utime + r.ru_stime)
         try:
@@ -344,7 +344,7 @@ def measure(runner: Runner, system: ServeSystem, target: Path, llama_server: Pat
         all_busy = ((t1 - t0) - (i1 - i0)) / os.sysconf("SC_CLK_TCK")
         reqs = level["requests"]
         ok = [q for q in reqs if not q["error"]]
-        res = {
+        return {
             "system": system.name, "streams": streams, "round": round_no, "command": shlex.join(cmd),
             "startup_s": round(startup, 2), "window_s": round(w, 3),
             "tokens": sum(q["completion_tokens"] for q in ok),
@@ -360,13 +360,8 @@ def measure(runner: Runner, system: ServeSystem, target: Path, llama_server: Pat
             "other_cores_during": round(max(0.0, all_busy - (s1 - s0) - client) / w, 2),
             "server_exit": server.exit_code, "attempts": attempt + 1, **quiet,
         }
-        if best is None or res["other_cores_during"] < best["other_cores_during"]:
-            best = res
-        if res["other_cores_during"] <= a.busy_limit:
-            break
-        log(f"  other work used {res['other_cores_during']:.2f} cores during the window: "
-            + ("measuring again" if attempt < a.retries else "keeping the least disturbed run"))
-    return best
+
+    return runner.least_disturbed(run_once, "window")
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -638,12 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=HERE / "SERVE_RESULTS.md", help="report to write")
     ap.add_argument("--chart", type=Path, default=HERE / "serve_throughput.png", help="chart to write")
     ap.add_argument("--report-only", action="store_true", help="rewrite --results and --chart from the raw JSON")
-    ap.add_argument("--busy-limit", type=float, default=0.3,
-                    help="before each measurement, wait while other work keeps more CPU cores than this busy")
-    ap.add_argument("--max-wait", type=float, default=900, help="longest wait for a quiet machine per measurement (s)")
-    ap.add_argument("--max-wait-total", type=float, default=3600, help="longest total wait over the run (s)")
-    ap.add_argument("--retries", type=int, default=2,
-                    help="measure again when other work used more than --busy-limit cores during the window")
+    add_quiet_options(ap, "window")
     args = ap.parse_args(argv)
     if min(args.threads, args.rounds, args.requests_per_stream, args.new_tokens, args.prompt_tokens,
            args.prompt_stride, *args.levels) < 1:

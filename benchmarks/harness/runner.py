@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -38,6 +39,35 @@ def one_line(text: str, limit: int = 220) -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def add_quiet_options(ap, unit: str) -> None:
+    """The options Runner.wait_for_quiet and Runner.least_disturbed read (`unit`: what one
+    measurement is called in the help, a round or a window)."""
+    ap.add_argument("--busy-limit", type=float, default=0.3,
+                    help="before each measurement, wait while other work keeps more CPU cores than this busy")
+    ap.add_argument("--max-wait", type=float, default=900, help="longest wait for a quiet machine per measurement (s)")
+    ap.add_argument("--max-wait-total", type=float, default=3600, help="longest total wait over the run (s)")
+    ap.add_argument("--retries", type=int, default=2,
+                    help=f"measure a {unit} again when other work used more than --busy-limit cores during it")
+
+
+def machine_line() -> str:
+    """CPU model, cores, memory, OS and Python: the line every results file carries."""
+    cpu = "unknown CPU"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 class Runner:
@@ -249,9 +279,8 @@ class Runner:
             "threads": self.args.threads, "repeats": self.args.repeats, "reference": reference,
             "system": system.name,
         }
-        best = None
-        for attempt in range(self.args.retries + 1):
-            quiet = self.wait_for_quiet()
+
+        def run_once(attempt: int, quiet: dict) -> dict:
             t0, i0, c0, w0 = *_cpu_times(), _children_cpu(), time.time()
             res = self.run_task(system.venv, f"measure_{system.family}", payload,
                                 f"measure-{system.name}-r{round_no}", timeout=self.args.run_timeout)
@@ -259,11 +288,22 @@ class Runner:
             all_busy = ((t1 - t0) - (i1 - i0)) / os.sysconf("SC_CLK_TCK")
             res.update(quiet, other_cores_during=round(max(0.0, all_busy - (c1 - c0)) / (w1 - w0), 2),
                        attempts=attempt + 1)
+            return res
+
+        return self.least_disturbed(run_once, "run")
+
+    def least_disturbed(self, run_once, what: str) -> dict:
+        """Measure until other work used at most --busy-limit cores meanwhile: at most
+        1 + --retries attempts, each after wait_for_quiet; the least disturbed result is kept.
+        `run_once(attempt, quiet)` returns a result with `other_cores_during`."""
+        best = None
+        for attempt in range(self.args.retries + 1):
+            res = run_once(attempt, self.wait_for_quiet())
             if best is None or res["other_cores_during"] < best["other_cores_during"]:
                 best = res
             if res["other_cores_during"] <= self.args.busy_limit:
                 break
-            log(f"  other work used {res['other_cores_during']:.2f} cores during the run: "
+            log(f"  other work used {res['other_cores_during']:.2f} cores during the {what}: "
                 + ("measuring again" if attempt < self.args.retries else "keeping the least disturbed run"))
         return best
 
