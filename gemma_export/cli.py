@@ -1,8 +1,9 @@
-"""The `gemma-export` command. Thin: each command parses, calls one library function,
-prints. stdout carries the result only (a table, text, or with --json one JSON object);
-progress goes to stderr. Errors the user can act on print one line, `Error: ...`, on
-stderr and exit non-zero (usage 2, failure 1, parity miss 3); GEMMA_EXPORT_DEBUG=1 shows
-the traceback instead.
+"""The `gemma-export` command. Thin: each command parses, calls one function of the Python
+API (api.py: export, quantize, verify, load; the code a Python user calls), prints. stdout
+carries the result only (a table, text, or with --json one JSON object); progress goes to
+stderr. Errors the user can act on print one line, `Error: ...`, on stderr and exit
+non-zero (usage 2, failure 1, parity miss 3); GEMMA_EXPORT_DEBUG=1 shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -42,12 +44,6 @@ def _root(
     ] = False,
 ) -> None:
     """Export Gemma models to ONNX with a KV cache, prove parity with PyTorch, and run them on ONNX Runtime."""
-
-
-def _progress(json_out: bool):
-    from gemma_export.progress import Progress
-
-    return Progress(enabled=not json_out)
 
 
 def _emit(obj: dict, json_out: bool, text: str | None) -> None:
@@ -106,7 +102,8 @@ def _check_steps(steps: int) -> None:
         raise typer.BadParameter("must be >= 1", param_hint="--steps")
 
 
-def _emit_artifact(res: dict, json_out: bool) -> None:
+def _emit_artifact(artifact, t0: float, json_out: bool) -> None:
+    res = artifact.result(time.perf_counter() - t0)
     text = f"wrote {res['out']} ({res['size_bytes'] / 1e6:.1f} MB, {res['seconds']} s)"
     if res["parity_table"]:
         text = res["parity_table"] + "\n" + text
@@ -138,19 +135,19 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export MODEL to an ONNX artifact with a KV cache, then verify parity with PyTorch."""
+    from gemma_export import api
     from gemma_export.contract import Precision
-    from gemma_export.exporter.pipeline import export_artifact
-    from gemma_export.exporter.recipes import RecipeOptions
 
     prec = _choice(Precision, precision, "--precision")
     _check_steps(steps)
-    options = RecipeOptions(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq)
+    t0 = time.perf_counter()
     with _result_even_on_miss(json_out):
-        res = export_artifact(
-            model, out, precision=prec, options=options, max_length=max_length, force=force, verify=verify,
-            steps=steps, optimize=optimize, progress=_progress(json_out),
+        artifact = api.export(
+            model, out, precision=prec, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+            gptq=gptq, max_length=max_length, force=force, verify=verify, steps=steps, optimize=optimize,
+            progress=not json_out,
         )
-    _emit_artifact(res, json_out)
+    _emit_artifact(artifact, t0, json_out)
 
 
 @app.command()
@@ -173,19 +170,19 @@ def quantize(
     json_out: JsonOpt = False,
 ) -> None:
     """Make an fp16 / bf16 / int8 / int4 / gguf artifact from an fp32 one, then verify parity with PyTorch."""
+    from gemma_export import api
     from gemma_export.contract import Precision
-    from gemma_export.exporter.pipeline import quantize_artifact
-    from gemma_export.exporter.recipes import RecipeOptions
 
     prec = _choice(Precision, precision, "--precision")
     _check_steps(steps)
-    options = RecipeOptions(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, gptq=gptq)
+    t0 = time.perf_counter()
     with _result_even_on_miss(json_out):
-        res = quantize_artifact(
-            src, out, precision=prec, options=options, force=force, verify=verify, steps=steps, model=model,
-            optimize=optimize, progress=_progress(json_out),
+        artifact = api.quantize(
+            src, out, precision=prec, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+            gptq=gptq, model=model, force=force, verify=verify, steps=steps, optimize=optimize,
+            progress=not json_out,
         )
-    _emit_artifact(res, json_out)
+    _emit_artifact(artifact, t0, json_out)
 
 
 @app.command()
@@ -198,11 +195,12 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check an artifact's checksums and its parity with the PyTorch model; writes parity.json."""
-    from gemma_export.exporter.pipeline import verify_dir
+    from gemma_export import api
 
     _check_steps(steps)
     with _result_even_on_miss(json_out):
-        res = verify_dir(artifact, model, steps=steps, progress=_progress(json_out))
+        report = api.verify(artifact, model=model, steps=steps, progress=not json_out)
+    res = api.verify_result(artifact, report)
     _emit(res, json_out, res["parity_table"])
 
 
@@ -244,9 +242,8 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object; no streaming.")] = False,
 ) -> None:
     """Generate text with an exported artifact on ONNX Runtime (streams for one prompt)."""
-    from gemma_export.runtime.generate import load_generator
+    from gemma_export import api
     from gemma_export.runtime.generate import SamplingConfig
-
     from gemma_export.runtime.session import Provider
 
     prov = _choice(Provider, provider, "--provider")
@@ -256,12 +253,12 @@ def generate(
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
     )
     cfg.validate()
-    gen = load_generator(artifact, provider=prov, threads=threads, portable=portable)
+    gen = api.load(artifact, provider=prov, threads=threads, portable=portable)
     if not json_out:
         typer.echo(f"provider: {gen.session.provider.value}", err=True)
     stream = not json_out and len(prompts) == 1
     on_text = (lambda _b, t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
-    res = gen.generate(prompts, cfg, chat=chat, on_text=on_text)
+    res = gen.generate_result(prompts, cfg, chat=chat, on_text=on_text)
     if stream:
         sys.stdout.write("\n")
     obj = {

@@ -2,6 +2,14 @@
 them into one line on stderr and an exit code (see cli.py). Internal invariants
 use `assert`, never these."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gemma_export.api import Artifact
+    from gemma_export.parity import ParityReport
+
 
 class GemmaExportError(Exception):
     """Base class: a failure the user can act on. The message is one line."""
@@ -34,10 +42,15 @@ class RuntimeConfigError(GemmaExportError):
 
 class ParityError(GemmaExportError):
     """An artifact missed a parity threshold. Its own exit code so scripts can tell.
-    `result` carries the full report so the CLI can still print the table."""
+    The artifact is written all the same: `report` is the typed ParityReport that missed,
+    `artifact` the Artifact (None from `verify`, which was given one), `result` the
+    command's JSON object so the CLI can still print the table."""
 
     exit_code = 3
 
-    def __init__(self, message: str, result: dict | None = None):
+    def __init__(self, message: str, result: dict | None = None, *, report: ParityReport | None = None,
+                 artifact: Artifact | None = None):
         super().__init__(message)
         self.result = result
+        self.report = report
+        self.artifact = artifact

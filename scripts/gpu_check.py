@@ -85,8 +85,8 @@ def main() -> int:
 
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
     for name, gen in (("cpu", cpu), ("cuda", gpu)):
-        gen.generate(["Warm up"], SamplingConfig(max_new_tokens=4, ignore_eos=True))
-        r = gen.generate(["The capital of France is"], cfg)
+        gen.generate_result(["Warm up"], SamplingConfig(max_new_tokens=4, ignore_eos=True))
+        r = gen.generate_result(["The capital of France is"], cfg)
         report[f"{name}_decode_tok_s"] = round(r.decode_tokens_per_second, 1)
         report[f"{name}_ttft_s"] = round(r.seconds_to_first_token, 4)
         report[f"{name}_text"] = r.texts[0][:200]

@@ -1,12 +1,14 @@
 """The artifact job end to end: a source and a recipe -> the artifact, verified, renamed into place.
 
-    export_artifact(model, out, precision)    load -> trace -> recipe -> files -> verify
-    quantize_artifact(src, out, precision)    an fp32 artifact's graph -> recipe -> files -> verify
-    verify_dir(dir)                           checksums, then parity again
+    run_export(model, out, precision)     load -> trace -> recipe -> files -> verify  -> Artifact
+    run_quantize(src, out, precision)     an fp32 artifact's graph -> recipe -> files -> verify  -> Artifact
+    run_verify(dir)                       checksums, then parity again  -> ParityReport
 
 export and quantize differ only in where the fp32 graph comes from (`_build` does the
-rest for both). Each returns a plain dict (the --json result) and raises GemmaExportError
-subclasses for anything the user can fix.
+rest for both). The typed results are what the Python API (api.py) returns and the CLI
+prints; each raises GemmaExportError subclasses for anything the user can fix, and
+ParityError on a parity miss, after the artifact is in place. export_artifact /
+quantize_artifact / verify_dir return the same runs as the CLI's --json object.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from gemma_export.contract import (
     CORPUS, DATA_FILE, GENERATION_CONFIG_FILE, HF_CONFIG_FILE, MODEL_FILE, PARITY_FILE, TOKENIZER_FILE, Precision,
     io_spec,
 )
+from gemma_export.api import Artifact, verify_result
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError, UsageError
 from gemma_export.exporter import artifact as art
 from gemma_export.exporter.export import export_onnx
 from gemma_export.exporter.recipes import ArtifactRecipe, Job, Made, RecipeOptions, contrib_ops, make_recipe
-from gemma_export.exporter.verify import format_report, verify_artifact
+from gemma_export.exporter.verify import verify_artifact
 from gemma_export.models.load import DEFAULT_MODEL, Checkpoint, load_model
+from gemma_export.parity import ParityReport
 from gemma_export.progress import NULL, Progress
 from gemma_export.runtime.manifest import Manifest, Source, write_json
 from gemma_export.runtime.session import DecoderSession
@@ -133,7 +137,7 @@ def _build(out: Path, *, force: bool, recipe: ArtifactRecipe, cfg, tok: bytes | 
     return manifest, report
 
 
-def export_artifact(
+def run_export(
     model: str | None,
     out: Path,
     *,
@@ -145,7 +149,7 @@ def export_artifact(
     steps: int = 64,
     optimize: bool = True,
     progress: Progress = NULL,
-) -> dict[str, Any]:
+) -> Artifact:
     """`gemma-export export MODEL --out DIR`: trace a checkpoint, apply the precision's recipe."""
     out = Path(out)
     recipe = make_recipe(precision, options)
@@ -170,7 +174,7 @@ def export_artifact(
         max_length=max_length or cfg.max_position_embeddings, fp32_into=trace,
         gguf_path=ckpt.path if ckpt.kind == "gguf" else None, optimize=optimize,
         verify_against=ckpt if verify else None, steps=steps, progress=progress)
-    return _result(out, ckpt.description, recipe.precision, t0, manifest, report)
+    return _finish(out, t0, manifest, report)
 
 
 def _source(spec: str | None, ckpt: Checkpoint) -> Source:
@@ -178,23 +182,16 @@ def _source(spec: str | None, ckpt: Checkpoint) -> Source:
                   description=ckpt.description)
 
 
-def _result(out: Path, model: str, precision: Precision, t0: float, manifest: Manifest, report) -> dict:
-    res = {
-        "out": str(out),
-        "model": model,
-        "precision": precision.value,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "size_bytes": manifest.size_bytes(),
-        "op_types": manifest.graph["op_types"],
-        "parity": report.to_dict() if report else None,
-        "parity_table": format_report(report) if report else None,
-    }
+def _finish(out: Path, t0: float, manifest: Manifest, report: ParityReport | None) -> Artifact:
+    """The artifact now in place; ParityError (carrying it) if its parity missed."""
+    artifact = Artifact(out, manifest, report)
     if report is not None and not report.passed:
-        raise ParityError(f"{out}: parity FAILED for {precision.value} (see {out / PARITY_FILE})", res)
-    return res
+        raise ParityError(f"{out}: parity FAILED for {manifest.precision.value} (see {out / PARITY_FILE})",
+                          artifact.result(time.perf_counter() - t0), report=report, artifact=artifact)
+    return artifact
 
 
-def quantize_artifact(
+def run_quantize(
     src: Path,
     out: Path,
     *,
@@ -206,7 +203,7 @@ def quantize_artifact(
     model: str | None = None,
     optimize: bool = True,
     progress: Progress = NULL,
-) -> dict[str, Any]:
+) -> Artifact:
     """`gemma-export quantize SRC --precision P --out DIR`: a recipe applied to an fp32 artifact."""
     src, out = Path(src), Path(out)
     if Precision(precision) == Precision.FP32:
@@ -234,7 +231,7 @@ def quantize_artifact(
         tok=(src / manifest.tokenizer).read_bytes() if manifest.tokenizer else None, source=source,
         max_length=manifest.max_length, fp32_into=lambda _d: src / manifest.model_file, gguf_path=gguf_path,
         optimize=optimize, verify_against=ckpt, steps=steps, progress=progress, derived_from=str(src.resolve()))
-    return _result(out, ckpt.description if ckpt else source.description, recipe.precision, t0, new, report)
+    return _finish(out, t0, new, report)
 
 
 def _load_source(d: Path, manifest: Manifest, model: str | None) -> Checkpoint:
@@ -262,6 +259,7 @@ def _verify(d: Path, manifest: Manifest, ckpt: Checkpoint, steps: int, progress:
             encode = tok.encode
     report = verify_artifact(sess, ckpt.model, encode=encode, corpus_encode=corpus_encode, steps=steps,
                              progress=progress)
+    report.model = ckpt.description
     write_json(d / PARITY_FILE, report.to_dict())
     manifest.parity = {
         "passed": report.passed,
@@ -271,7 +269,7 @@ def _verify(d: Path, manifest: Manifest, ckpt: Checkpoint, steps: int, progress:
     return report
 
 
-def verify_dir(d: Path, model: str | None = None, *, steps: int = 64, progress: Progress = NULL) -> dict[str, Any]:
+def run_verify(d: Path, model: str | None = None, *, steps: int = 64, progress: Progress = NULL) -> ParityReport:
     """`gemma-export verify DIR`: checksums, then parity against the source model (the one
     the manifest names, or `model` when given)."""
     d = Path(d)
@@ -282,8 +280,27 @@ def verify_dir(d: Path, model: str | None = None, *, steps: int = 64, progress: 
         ckpt = _load_source(d, manifest, model)
     with progress.stage("verifying parity"):
         report = _verify(d, manifest, ckpt, steps, progress)
-    res = {"artifact": str(d), "model": ckpt.description, "parity": report.to_dict(),
-           "parity_table": format_report(report)}
     if not report.passed:
-        raise ParityError(f"{d}: parity FAILED for {report.precision}", res)
-    return res
+        raise ParityError(f"{d}: parity FAILED for {report.precision}", verify_result(d, report), report=report,
+                          artifact=Artifact(d, manifest, report))
+    return report
+
+
+# -- the same runs as the CLI's --json object (scripts and tests read these) ----------------------
+
+
+def export_artifact(model: str | None, out: Path, **kw: Any) -> dict[str, Any]:
+    """run_export's artifact as `gemma-export export --json` prints it."""
+    t0 = time.perf_counter()
+    return run_export(model, out, **kw).result(time.perf_counter() - t0)
+
+
+def quantize_artifact(src: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    """run_quantize's artifact as `gemma-export quantize --json` prints it."""
+    t0 = time.perf_counter()
+    return run_quantize(src, out, **kw).result(time.perf_counter() - t0)
+
+
+def verify_dir(d: Path, model: str | None = None, **kw: Any) -> dict[str, Any]:
+    """run_verify's report as `gemma-export verify --json` prints it."""
+    return verify_result(d, run_verify(d, model, **kw))

@@ -8,15 +8,14 @@ For each fixed prompt:
      reference token (all equal <=> the greedy texts are identical);
   3. ONNX one full forward over prompt + tokens vs its own prefill+decode;
 and once for all prompts left-padded into one ragged batch vs each prompt alone.
-Every metric is reported beside its threshold from precision.THRESHOLDS.
+Every metric is reported beside its threshold from precision.THRESHOLDS. The report itself
+(Metric, ParityReport, the printed table) is gemma_export/parity.py, readable without torch.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ import torch
 from gemma_export.contract import CORPUS
 from gemma_export.exporter.precision import THRESHOLDS
 from gemma_export.models.gemma import GemmaForCausalLM
+from gemma_export.parity import Metric, ParityReport
 from gemma_export.progress import NULL, Progress
 from gemma_export.runtime.session import DecoderSession
 
@@ -39,35 +39,6 @@ BATCH_STEPS = 8  # decode steps checked for the ragged batch
 
 
 PPL_CHUNK = 256  # tokens per perplexity window (each starts with <bos>)
-
-
-@dataclass
-class Metric:
-    name: str
-    measured: float
-    threshold: float | None  # None: reported, not a criterion at this precision
-    op: str  # "<=", ">=" or "info"
-    passed: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        m = float(self.measured)
-        if self.op == "info":
-            self.passed = bool(np.isfinite(m))
-        else:
-            self.passed = bool(np.isfinite(m) and (m <= self.threshold if self.op == "<=" else m >= self.threshold))
-
-
-@dataclass
-class ParityReport:
-    precision: str
-    passed: bool
-    metrics: list[Metric]
-    prompts: list[int]  # prompt lengths
-    steps: int
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -291,18 +262,3 @@ def _consistency(name: str, rel: float, top1: float, th) -> list[Metric]:
     if th.consistency_rel_l2 is not None:
         return [Metric(f"{name} (rel L2)", rel, th.consistency_rel_l2, "<=")]
     return [Metric(f"{name} (top-1)", top1, th.top1_agreement, ">="), Metric(f"{name} (rel L2)", rel, None, "info")]
-
-
-def format_report(report: ParityReport) -> str:
-    rows = [("metric", "measured", "threshold", "pass")]
-    for m in report.metrics:
-        limit = "-" if m.op == "info" else f"{m.op} {m.threshold:g}"
-        ok = "-" if m.op == "info" else ("yes" if m.passed else "NO")
-        rows.append((m.name, f"{m.measured:.4g}", limit, ok))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    verdict = "PASS" if report.passed else "FAIL"
-    lines.append(f"parity {verdict}: {report.precision}, prompts of {report.prompts} tokens, "
-                 f"{report.steps} decode steps")
-    return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The decode loop: prefill, then one token per step, on a DecoderSession. No torch.
 
 The engine works on token ids and knows nothing about tokenization (nanochat's rule);
-`generate_text` wraps it with a tokenizer, stop strings and streaming.
+`generate_text` wraps it with a tokenizer, stop strings and streaming; `Generator` (what
+`gemma_export.load` returns) is the Python API over that: text in, text(s) out, streaming.
 
     prefill(sess, prompts)          left-pad a batch, run the prompt, return state
     decode_one_token(sess, state)   feed the last sampled tokens, return next logits
@@ -11,14 +12,24 @@ The engine works on token ids and knows nothing about tokenization (nanochat's r
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypedDict, overload
 
 import numpy as np
 
 from gemma_export.errors import RuntimeConfigError
 from gemma_export.runtime.session import DecoderSession, KVCache
+
+if TYPE_CHECKING:
+    import sys
+
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
 
 
 @dataclass(frozen=True)
@@ -321,15 +332,139 @@ def generate_text(
     )
 
 
+class Sampling(TypedDict, total=False):
+    """SamplingConfig's fields as keyword arguments: `Generator.generate(p, **sampling)`."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: str | Sequence[str]  # one stop string or several
+    ignore_eos: bool
+
+
+# What each keyword may hold: the check runs before SamplingConfig.validate compares numbers.
+_SAMPLING_TYPES: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
+    "repetition_penalty": (int, float), "seed": (int, type(None)), "stop": (str, list, tuple), "ignore_eos": (bool,),
+}
+
+
+def sampling_config(**sampling: Any) -> SamplingConfig:
+    """A validated SamplingConfig from keyword arguments (the Python API's form);
+    RuntimeConfigError for an unknown name, a wrong type or a value out of range."""
+    for key, value in sampling.items():
+        kinds = _SAMPLING_TYPES.get(key)
+        if kinds is None:
+            raise RuntimeConfigError(f"unknown sampling option {key!r}; known: {', '.join(_SAMPLING_TYPES)}")
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise RuntimeConfigError(f"sampling option {key!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                                     f"got {type(value).__name__}")
+    stop = sampling.get("stop", ())
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) for s in stop):
+        raise RuntimeConfigError("sampling option 'stop' must be a string or a list of strings")
+    cfg = SamplingConfig(**{**sampling, "stop": stop})
+    cfg.validate()
+    return cfg
+
+
 class Generator:
-    """An artifact ready to generate: its session and its tokenizer."""
+    """An artifact ready to generate: its session and its tokenizer. What `gemma_export.load`
+    returns.
+
+        gen.generate("Hello", max_new_tokens=16)         -> str
+        gen.generate(["Hello", "Bonjour"])               -> list[str] (one left-padded batch)
+        for piece in gen.stream("Hello"): ...            -> text as it is produced
+        gen.chat([{"role": "user", "content": "Hi"}])    -> the model's reply
+        gen.generate_result(prompts, SamplingConfig())   -> TextResult (ids, finish reasons, timing)
+
+    Sampling options are SamplingConfig's fields as keywords (`Sampling`); greedy by default.
+    Errors: RuntimeConfigError for bad options or a prompt longer than the context."""
 
     def __init__(self, session: DecoderSession, tokenizer):
         self.session = session
         self.tokenizer = tokenizer
 
-    def generate(self, prompts: Sequence[str], cfg: SamplingConfig, *, chat: bool = False, on_text=None) -> TextResult:
+    @overload
+    def generate(self, prompt: str, *, chat: bool = False, **sampling: Unpack[Sampling]) -> str: ...
+
+    @overload
+    def generate(self, prompt: Sequence[str], *, chat: bool = False, **sampling: Unpack[Sampling]) -> list[str]: ...
+
+    def generate(self, prompt, *, chat=False, **sampling):
+        """The text generated after `prompt` (a str), or after each of `prompts` (a list, run
+        as one batch). `chat` wraps each prompt as one user turn of Gemma's chat format."""
+        prompts = _prompt_list(prompt)
+        texts = self.generate_result(prompts, sampling_config(**sampling), chat=chat).texts
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, *, chat: bool = False, **sampling: Unpack[Sampling]) -> Iterator[str]:
+        """The text generated after `prompt`, piece by piece as it is produced: never half a
+        UTF-8 character, never text a stop string later claims; the pieces join to what
+        `generate` returns for the same arguments. Options are checked here, before the first
+        piece. The decode loop runs in a worker thread; leaving the loop early stops it."""
+        if not isinstance(prompt, str):
+            raise RuntimeConfigError(f"stream takes one prompt (a str), got {type(prompt).__name__}")
+        return self._stream(prompt, sampling_config(**sampling), chat)
+
+    def chat(self, messages: Sequence[dict], **sampling: Unpack[Sampling]) -> str:
+        """The model's reply to a conversation ({"role": "system" | "user" | "assistant",
+        "content": str} dicts, Gemma's turn format; see tokenizer.format_chat)."""
+        from gemma_export.runtime.tokenizer import format_chat
+
+        return self.generate(format_chat(messages), **sampling)
+
+    def generate_result(self, prompts: Sequence[str], cfg: SamplingConfig, *, chat: bool = False,
+                        on_text: Callable[[int, str], None] | None = None) -> TextResult:
+        """Everything about one batch: texts, token ids, finish reasons, timing. `on_text(row,
+        piece)` streams (what `stream` and the CLI use)."""
         return generate_text(self.session, self.tokenizer, prompts, cfg, chat=chat, on_text=on_text)
+
+    def _stream(self, prompt: str, cfg: SamplingConfig, chat: bool) -> Iterator[str]:
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        left = threading.Event()  # the consumer stopped iterating
+
+        def on_text(_row: int, text: str) -> None:
+            if left.is_set():
+                raise _StreamLeft
+            pieces.put(text)
+
+        def work() -> None:
+            try:
+                self.generate_result([prompt], cfg, chat=chat, on_text=on_text)
+                pieces.put(_END)
+            except BaseException as e:  # handed to the consumer, raised there
+                pieces.put(e)
+
+        worker = threading.Thread(target=work, name="gemma-export-stream", daemon=True)
+        worker.start()
+        try:
+            while (item := pieces.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            left.set()
+            worker.join()
+
+
+class _StreamLeft(Exception):
+    """Raised inside the worker's callback to end a generation nobody reads any more."""
+
+
+_END = object()
+
+
+def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise RuntimeConfigError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompts:
+        raise RuntimeConfigError("no prompts given")
+    return prompts
 
 
 def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None,

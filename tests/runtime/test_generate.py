@@ -149,11 +149,11 @@ def test_greedy_equals_pytorch_and_batch_equals_alone(tiny_artifacts, name):
     model = load_model(name).model
     prompts = ["Hello world", "the cat and the dog were in the garden of the house", "ok"]
     cfg = SamplingConfig(max_new_tokens=24)
-    alone = [gen.generate([p], cfg) for p in prompts]
+    alone = [gen.generate_result([p], cfg) for p in prompts]
     for p, r in zip(prompts, alone):
         ids = gen.tokenizer.encode(p)
         assert r.token_ids[0] == _torch_greedy(model, ids, 24, set(gen.session.eos_ids))
-    batch = gen.generate(prompts, cfg)
+    batch = gen.generate_result(prompts, cfg)
     assert batch.token_ids == [r.token_ids[0] for r in alone]
     assert batch.texts == [r.texts[0] for r in alone]
 
@@ -161,8 +161,8 @@ def test_greedy_equals_pytorch_and_batch_equals_alone(tiny_artifacts, name):
 def test_seeded_sampling_is_reproducible(tiny_artifacts):
     gen = load_generator(tiny_artifacts["tiny-gemma2"][0], provider="cpu")
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, seed=123, ignore_eos=True)
-    a, b = gen.generate(["Hello"], cfg), gen.generate(["Hello"], cfg)
-    c = gen.generate(["Hello"], SamplingConfig(**{**cfg.__dict__, "seed": 124}))
+    a, b = gen.generate_result(["Hello"], cfg), gen.generate_result(["Hello"], cfg)
+    c = gen.generate_result(["Hello"], SamplingConfig(**{**cfg.__dict__, "seed": 124}))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
 
@@ -170,17 +170,17 @@ def test_seeded_sampling_is_reproducible(tiny_artifacts):
 def test_streaming_and_stop_strings(tiny_artifacts):
     gen = load_generator(tiny_artifacts["tiny-gemma3"][0], provider="cpu")
     cfg = SamplingConfig(max_new_tokens=40, ignore_eos=True)
-    full = gen.generate(["Hello"], cfg)
+    full = gen.generate_result(["Hello"], cfg)
     pieces = []
-    streamed = gen.generate(["Hello"], cfg, on_text=lambda b, t: pieces.append(t))
+    streamed = gen.generate_result(["Hello"], cfg, on_text=lambda b, t: pieces.append(t))
     assert "".join(pieces) == streamed.texts[0] == full.texts[0]
     assert all("\ufffd" not in p for p in pieces) or "\ufffd" in full.texts[0]
     text = full.texts[0]
     if len(text) >= 6:
         stop = text[3:6]
         pieces = []
-        res = gen.generate(["Hello"], SamplingConfig(max_new_tokens=40, ignore_eos=True, stop=(stop,)),
-                           on_text=lambda b, t: pieces.append(t))
+        res = gen.generate_result(["Hello"], SamplingConfig(max_new_tokens=40, ignore_eos=True, stop=(stop,)),
+                                  on_text=lambda b, t: pieces.append(t))
         assert res.finish_reasons == ["stop"]
         assert res.texts[0] == text[: text.find(stop)]
         assert "".join(pieces) == res.texts[0]  # nothing of the stop string was streamed
@@ -191,14 +191,14 @@ def test_real_greedy_text_equals_transformers(real_artifact, hf_real):
     hf, tok = hf_real
     gen = load_generator(real_artifact[0], provider="cpu")
     prompts = ["The capital of France is", "def add(a, b):", "My favourite colour is"]
-    ours = gen.generate(prompts, SamplingConfig(max_new_tokens=64, ignore_eos=True))
+    ours = gen.generate_result(prompts, SamplingConfig(max_new_tokens=64, ignore_eos=True))
     for p, ids, text in zip(prompts, ours.token_ids, ours.texts):
         enc = tok(p, return_tensors="pt").input_ids
         assert enc[0].tolist() == gen.tokenizer.encode(p)
         ref = hf.generate(enc, max_new_tokens=64, do_sample=False, eos_token_id=None)[0, enc.shape[1]:].tolist()
         assert ids == ref
         assert text == tok.decode(ref)
-    alone = gen.generate(prompts[:1], SamplingConfig(max_new_tokens=64, ignore_eos=True))
+    alone = gen.generate_result(prompts[:1], SamplingConfig(max_new_tokens=64, ignore_eos=True))
     assert alone.token_ids[0] == ours.token_ids[0]
 
 

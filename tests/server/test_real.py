@@ -26,14 +26,14 @@ def check_real_server(out) -> None:
         gen = load_generator(out, provider="cpu", threads=2)
         prompts = ["The quick brown fox", "Once upon a time", "def fibonacci(n):", "The capital of Japan is"]
         alone = [one(p) for p in prompts]
-        assert alone == gen.generate(prompts, SamplingConfig(max_new_tokens=12, ignore_eos=True)).texts
+        assert alone == gen.generate_result(prompts, SamplingConfig(max_new_tokens=12, ignore_eos=True)).texts
         with cf.ThreadPoolExecutor(4) as ex:
             assert list(ex.map(one, prompts)) == alone
 
         question = "What is the capital of France?"
         r = c.chat.completions.create(model="gemma-3-270m", temperature=0, max_tokens=16,
                                       messages=[{"role": "user", "content": question}])
-        own = gen.generate([question], SamplingConfig(max_new_tokens=16), chat=True)
+        own = gen.generate_result([question], SamplingConfig(max_new_tokens=16), chat=True)
         assert r.choices[0].message.content == own.texts[0]
         assert r.choices[0].finish_reason == {"eos": "stop"}.get(own.finish_reasons[0], own.finish_reasons[0])
     finally:
