@@ -6,6 +6,9 @@
       parity.json                     the full verify report (written by verify)
       tokenizer.model                 SentencePiece (copied, or built from a GGUF vocabulary)
       config.json, generation_config.json   for clients that read a Hugging Face model folder
+      tokenizer.json, tokenizer_config.json, special_tokens_map.json, genai_config.json,
+      onnx/model{suffix}.onnx(_data)  what Optimum, onnxruntime-genai, transformers.js read
+                                      (exporter/clients.py; the _data file is a hard link)
 
 Everything is built in a hidden sibling directory and renamed onto `out` at the end, so
 an error or Ctrl-C leaves nothing at `out` (and an old artifact replaced with --force
@@ -117,11 +120,19 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 
 def file_table(d: Path) -> dict[str, FileEntry]:
-    return {
-        p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
-        for p in sorted(d.iterdir())
-        if p.is_file() and p.name not in _UNLISTED
-    }
+    """Every file by its path relative to `d` (top level first, then subfolders such as onnx/),
+    each file on disk once: a hard link to a file already listed (the transformers.js folder's
+    weights) is left out, so sizes add up to the disk the artifact takes."""
+    top = sorted(p for p in d.iterdir() if p.is_file() and p.name not in _UNLISTED)
+    nested = sorted(p for p in d.rglob("*") if p.is_file() and p.parent != d)
+    table, seen = {}, set()
+    for p in top + nested:
+        st = p.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        table[p.relative_to(d).as_posix()] = FileEntry(size=st.st_size, sha256=sha256_file(p))
+    return table
 
 
 def versions() -> dict[str, str]:
