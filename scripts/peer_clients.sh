@@ -4,7 +4,7 @@
 #   optimum  a venv with optimum-onnx (pins transformers < 4.58, so never the project's venv)
 #   genai    onnxruntime-genai, already in the project venv (test extra; it keeps onnxruntime 1.32)
 #   tfjs     @huggingface/transformers from npm, run by the machine's Node (>= 20)
-# Usage: scripts/peer_clients.sh [DIR]   (default: /var/cache/gemma-export-ci/peers when
+# Usage: [PROJECT_PY=python] scripts/peer_clients.sh [DIR]   (default: /var/cache/gemma-export-ci/peers when
 # writable, so CI's fresh clones reuse it; else .peers in the clone). An install that fails
 # exits non-zero naming the client and the reason: the tests never skip a missing client.
 set -euo pipefail
@@ -54,6 +54,12 @@ if [ "$(cat "$TFJS/.stamp" 2>/dev/null)" != "$TFJS_VERSION" ]; then
 fi
 (cd "$TFJS" && node -e 'import("@huggingface/transformers").then(() => 0)') 2>"$DIR/tfjs-import.log" \
     || fail "tfjs: import failed: $(tail -1 "$DIR/tfjs-import.log")"
+
+# onnxruntime-genai lives in the project venv (pyproject's test extra; its only pin,
+# onnxruntime >= 1.31, leaves the project's 1.32 as it is).
+PROJECT_PY=${PROJECT_PY:-.venv/bin/python}
+"$PROJECT_PY" -c "import onnxruntime_genai" 2>"$DIR/genai-import.log" \
+    || fail "onnxruntime-genai: not importable by $PROJECT_PY: $(tail -1 "$DIR/genai-import.log")"
 
 echo "optimum=$OPT/bin/python"
 echo "tfjs=$TFJS"

@@ -49,7 +49,7 @@ TFJS_DTYPES: dict[Precision, tuple[str, str]] = {
     Precision.GGUF: ("q4", "_q4"),
 }
 
-# The client names `inspect` prints and the manifest's `clients` keys.
+# The manifest's `clients` keys (runtime/inspect.CLIENTS lists them in order).
 GENAI, OPTIMUM, TFJS = "onnxruntime-genai", "optimum", "transformers.js"
 
 

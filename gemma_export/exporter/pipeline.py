@@ -73,7 +73,7 @@ def _write_side_files(d: Path, cfg, tok: bytes | None, *, precision: Precision, 
 
     if tok is not None:
         (d / TOKENIZER_FILE).write_bytes(tok)
-        write_json(d / HF_TOKENIZER_FILE, hf_tokenizer.tokenizer_json(tok))
+        write_json(d / HF_TOKENIZER_FILE, hf_tokenizer.tokenizer_json(tok), compact=True)
         write_json(d / HF_TOKENIZER_CONFIG_FILE, hf_tokenizer.tokenizer_config(tok, max_length))
         write_json(d / HF_SPECIAL_TOKENS_FILE, hf_tokenizer.special_tokens_map(tok))
     hf_config = cfg.to_hf_dict()

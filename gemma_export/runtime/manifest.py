@@ -25,11 +25,13 @@ FORMAT = "gemma-export"
 FORMAT_VERSION = 1
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, compact: bool = False) -> None:
     """Write via a temporary file and rename, so a reader never sees half a JSON file (the
-    manifest, and the exporter's other JSON files)."""
+    manifest, and the exporter's other JSON files). `compact`: no indentation, UTF-8 as is
+    (tokenizer.json: 14 MB instead of 38)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
+    tmp.write_text(text + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
