@@ -4,9 +4,8 @@ transformers.js. Written by export and quantize beside the artifact's own files.
     genai_config.json          onnxruntime-genai: graph, I/O names, heads, layers, ids, search
     tokenizer.json, tokenizer_config.json, special_tokens_map.json    (hf_tokenizer.py)
     config.json                + "transformers.js_config" (dtype, external data)
-    onnx/model{suffix}.onnx    transformers.js and Optimum: the contract-exact graph, its external
-                               data renamed to the file below
-    onnx/model{suffix}.onnx_data   a hard link to model.onnx.data: one weights file on disk
+    onnx/model{suffix}.onnx    transformers.js and Optimum: the contract-exact graph
+    onnx/model{suffix}.onnx_data   the artifact's one weights file, read by every graph
 
 Which graph each client drives:
 - genai runs its own C++ loop and binds one buffer per cache tensor as both past and present
@@ -20,10 +19,12 @@ Which graph each client drives:
 
 transformers.js looks for `onnx/model{suffix}.onnx` with the suffix of a dtype and, where
 `transformers.js_config.use_external_data_format` says so, `onnx/model{suffix}.onnx_data`; in
-the browser it hands the data to ONNX Runtime under that name, so the graph must name it too.
-The weights are the artifact's own model.onnx.data under a second name: a hard link (same
-inode, no second copy; `cp -a`, `rsync -H` and tar keep it one file, a plain `cp -r` makes
-two). bf16 has no transformers.js dtype and gets no onnx/ folder.
+the browser it hands the data to ONNX Runtime under that bare name, so that graph must name it.
+So the weights file itself moves there (the recipes write model.onnx.data; this is the last
+step) and the top-level graphs read `onnx/model{suffix}.onnx_data`: one file, no copy. Not a
+hard link (onnx.load refuses external data with a second link, a "hardlink attack"), not a
+symlink (ONNX Runtime refuses external data that resolves outside the graph's folder).
+bf16 has no transformers.js dtype: no onnx/ folder, the weights stay in model.onnx.data.
 """
 
 from __future__ import annotations
@@ -115,26 +116,40 @@ def tfjs_config(precision: Precision) -> dict[str, Any] | None:
 
 
 def write_tfjs_layout(d: Path, precision: Precision, graph_file: str, data_file: str) -> dict[str, str] | None:
-    """onnx/model{suffix}.onnx (graph_file with its external data renamed) and
-    onnx/model{suffix}.onnx_data (a hard link to data_file). The two paths, or None for a
-    precision transformers.js has no dtype for."""
+    """Move the weights into transformers.js's folder: data_file becomes
+    onnx/model{suffix}.onnx_data, every top-level graph in `d` is pointed at it, and
+    onnx/model{suffix}.onnx is graph_file pointed at it by its bare name (as transformers.js
+    hands it to ONNX Runtime). The two paths, or None (nothing changed) for a precision
+    transformers.js has no dtype for."""
     import onnx
 
     if precision not in TFJS_DTYPES:
         return None
     _, suffix = TFJS_DTYPES[precision]
     graph_name, data_name = f"model{suffix}.onnx", f"model{suffix}.onnx_data"
-    proto = onnx.load(str(d / graph_file), load_external_data=False)
+    (d / TFJS_DIR).mkdir(exist_ok=True)
+    os.replace(d / data_file, d / TFJS_DIR / data_name)
+    for top in sorted(d.glob("*.onnx")):
+        proto = onnx.load(str(top), load_external_data=False)
+        if _relocate(proto, data_file, f"{TFJS_DIR}/{data_name}", top.name):
+            onnx.save(proto, str(top))
+        if top.name == graph_file:
+            _relocate(proto, f"{TFJS_DIR}/{data_name}", data_name, top.name)
+            onnx.save(proto, str(d / TFJS_DIR / graph_name))
+    return {"graph": f"{TFJS_DIR}/{graph_name}", "data": f"{TFJS_DIR}/{data_name}"}
+
+
+def _relocate(proto, old: str, new: str, where: str) -> int:
+    """Point every external tensor stored in `old` at `new`; how many were."""
+    n = 0
     for init in _external_tensors(proto):
         for entry in init.external_data:
             if entry.key == "location":
-                if entry.value != data_file:
-                    raise ValueError(f"{graph_file}: {init.name} is stored in {entry.value}, not {data_file}")
-                entry.value = data_name
-    (d / TFJS_DIR).mkdir(exist_ok=True)
-    onnx.save(proto, str(d / TFJS_DIR / graph_name))
-    os.link(d / data_file, d / TFJS_DIR / data_name)
-    return {"graph": f"{TFJS_DIR}/{graph_name}", "data": f"{TFJS_DIR}/{data_name}"}
+                if entry.value != old:
+                    raise ValueError(f"{where}: {init.name} is stored in {entry.value}, not {old}")
+                entry.value = new
+                n += 1
+    return n
 
 
 def _external_tensors(proto):
@@ -146,9 +161,10 @@ def _external_tensors(proto):
 
 def write_client_files(d: Path, cfg, *, precision: Precision, kv_cache: KVLayout, model_file: str,
                        portable_model_file: str | None, cpu_model_file: str | None, data_file: str,
-                       max_length: int) -> dict[str, dict[str, str]]:
-    """genai_config.json and the transformers.js layout in `d`; the manifest's `clients`
-    entry: {client: {role: path}} for the files each client reads."""
+                       max_length: int) -> tuple[dict[str, dict[str, str]], str]:
+    """genai_config.json and the transformers.js layout in `d`. Returns the manifest's
+    `clients` entry ({client: {role: path}} for the files each client reads) and where the
+    weights file now is (the manifest's data_file)."""
     from gemma_export.runtime.manifest import write_json
 
     shared = kv_cache == KVLayout.SHARED
@@ -158,7 +174,8 @@ def write_client_files(d: Path, cfg, *, precision: Precision, kv_cache: KVLayout
     clients = {GENAI: {"config": GENAI_CONFIG_FILE, "graph": genai_graph}}
     concat_graph = portable_model_file if shared else (cpu_model_file or model_file)
     tfjs = write_tfjs_layout(d, precision, concat_graph, data_file)
-    if tfjs is not None:
-        clients[TFJS] = {**tfjs, "dtype": TFJS_DTYPES[precision][0]}
-        clients[OPTIMUM] = {"graph": tfjs["graph"]}
-    return clients
+    if tfjs is None:
+        return clients, data_file
+    clients[TFJS] = {**tfjs, "dtype": TFJS_DTYPES[precision][0]}
+    clients[OPTIMUM] = {"graph": tfjs["graph"]}
+    return clients, tfjs["data"]

@@ -66,9 +66,10 @@ def _encoder(tok: bytes | None):
 
 
 def _write_side_files(d: Path, cfg, tok: bytes | None, *, precision: Precision, made: Made,
-                      max_length: int) -> dict[str, dict[str, str]]:
+                      max_length: int) -> tuple[dict[str, dict[str, str]], str]:
     """tokenizer.model and the files other clients read (Hugging Face config and tokenizer
-    files, genai_config.json, the transformers.js folder); returns the manifest's `clients`."""
+    files, genai_config.json, the transformers.js folder, which the weights move into);
+    returns the manifest's `clients` and `data_file`."""
     from gemma_export.exporter import clients, hf_tokenizer
 
     if tok is not None:
@@ -94,11 +95,12 @@ def _write_side_files(d: Path, cfg, tok: bytes | None, *, precision: Precision, 
 
 
 def _manifest(d: Path, *, cfg, recipe: ArtifactRecipe, made: Made, source: Source, max_length: int,
-              has_tokenizer: bool, clients: dict[str, dict[str, str]], derived_from: str | None = None) -> Manifest:
+              has_tokenizer: bool, clients: dict[str, dict[str, str]], data_file: str,
+              derived_from: str | None = None) -> Manifest:
     """The manifest of the artifact being built in `d`, written there (parity still None)."""
     manifest = Manifest(
         model_file=MODEL_FILE,
-        data_file=DATA_FILE,
+        data_file=data_file,
         precision=recipe.precision,
         recipe=recipe.to_dict(),
         kept_fp32=made.kept_fp32,
@@ -142,9 +144,11 @@ def _build(out: Path, *, force: bool, recipe: ArtifactRecipe, cfg, tok: bytes | 
                                     calibration=lambda: _calibration_ids(cfg.vocab_size, _encoder(tok))))
         shutil.rmtree(scratch, ignore_errors=True)
         with progress.stage("writing artifact"):
-            clients = _write_side_files(tmp, cfg, tok, precision=recipe.precision, made=made, max_length=max_length)
+            clients, data_file = _write_side_files(tmp, cfg, tok, precision=recipe.precision, made=made,
+                                                   max_length=max_length)
             manifest = _manifest(tmp, cfg=cfg, recipe=recipe, made=made, source=source, max_length=max_length,
-                                 has_tokenizer=tok is not None, clients=clients, derived_from=derived_from)
+                                 has_tokenizer=tok is not None, clients=clients, data_file=data_file,
+                                 derived_from=derived_from)
         report = None
         if verify_against is not None:
             with progress.stage("verifying parity"):
