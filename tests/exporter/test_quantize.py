@@ -153,8 +153,8 @@ def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifact
     assert m["kv_cache"] == "shared" and m["portable_model_file"] == "model.portable.onnx"
     assert m["provider_model_files"] == {"cuda": "model.portable.onnx"}  # verified on CPU only
     assert m["io"] == io_spec(cfg, kv_cache="shared")
-    assert m["data_file"] == "onnx/model_quantized.onnx_data"
-    assert set(m["files"]) >= {"model.onnx", "model.portable.onnx", m["data_file"], "onnx/model_quantized.onnx"}
+    assert m["data_file"] == "onnx/model_q4.onnx_data"  # transformers.js's q4 file holds the weights
+    assert set(m["files"]) >= {"model.onnx", "model.portable.onnx", m["data_file"], "onnx/model_q4.onnx"}
     fused, portable = (onnx.load(str(out / f), load_external_data=False) for f in ("model.onnx", "model.portable.onnx"))
 
     def dims(proto, name):
