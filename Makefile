@@ -38,7 +38,7 @@ IMAGE ?= gemma-export:latest
 IMAGE_ART := artifacts/image/model
 image: $(BIN)/gemma-export
 	@if [ -n "$(ARTIFACT)" ]; then \
-		rm -rf $(IMAGE_ART) && mkdir -p artifacts/image && cp -r "$(ARTIFACT)" $(IMAGE_ART); \
+		rm -rf $(IMAGE_ART) && mkdir -p artifacts/image && cp -a "$(ARTIFACT)" $(IMAGE_ART); \
 	elif [ ! -f $(IMAGE_ART)/manifest.json ]; then \
 		$(BIN)/gemma-export export --out artifacts/image/fp32 --no-verify --force && \
 		$(BIN)/gemma-export quantize artifacts/image/fp32 --precision int8 --out $(IMAGE_ART) --no-verify --force && \

@@ -80,6 +80,12 @@ TOKENIZER_FILE = "tokenizer.model"  # SentencePiece
 PARITY_FILE = "parity.json"  # the full verify report
 HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# For other runtimes (exporter/hf_tokenizer.py, exporter/clients.py):
+HF_TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` library's format
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # special tokens, chat template
+HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai
+TFJS_DIR = "onnx"  # transformers.js (and Optimum): onnx/model{dtype suffix}.onnx + .onnx_data
 
 # The tied input embedding / LM head: one initializer of this name in every traced graph.
 EMBED_WEIGHT = "model.embed_tokens.weight"

@@ -354,9 +354,20 @@ def test_inspect_text_and_json(artifact, tmp_path, capsys):
     assert info["graphs"]["model.portable.onnx"][0] == "cuda provider"
     assert set(info["io"]["inputs"]) == set(raw["io"]["inputs"])
     assert info["parity"] is None and info["opens_in"]["any ONNX runtime"] is False
+    assert all(info["opens_in"][c] for c in ("onnxruntime-genai", "optimum", "transformers.js"))
+    assert info["clients"]["transformers.js"] == {"graph": "onnx/model_quantized.onnx",
+                                                  "data": "onnx/model_quantized.onnx_data", "dtype": "q8"}
+    # genai drives the fused graph (its shared-buffer mode is our shared cache), the others the portable one.
+    assert info["clients"]["onnxruntime-genai"]["graph"] == "model.onnx"
+    genai = json.loads((q / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    # One weights file, in transformers.js's folder, read by every graph.
+    assert raw["data_file"] == "onnx/model_quantized.onnx_data" and not (q / "model.onnx.data").exists()
     assert main(["inspect", str(artifact)]) == 0
     out, _ = capsys.readouterr()
     assert "precision   fp32" in out and "parity      passed" in out and "past_key_values.{0..1}.key" in out
+    assert "onnxruntime-genai  genai_config.json -> model.onnx" in out
+    assert "transformers.js    onnx/model.onnx (dtype fp32)" in out
 
 
 def test_inspect_non_artifact(tmp_path, capsys):

@@ -102,7 +102,7 @@ def write_results(report: dict, path: Path) -> None:
         rows.append(s.name)
 
     # Ratios, in full: ours against each peer it is compared with.
-    pairs = [(s.name, p) for s in SYSTEMS if s.family == "ours" for p in s.compare_to
+    pairs = [(s.name, p) for s in SYSTEMS for p in s.compare_to
              if summaries.get(s.name) and summaries.get(p)]
     if pairs:
         lines += [

@@ -137,7 +137,10 @@ class Runner:
         t0 = time.time()
         (self.work / "artifacts").mkdir(parents=True, exist_ok=True)
         try:
-            path = getattr(self, f"prepare_{system.family}")(system)
+            if system.artifact_of:
+                path = self.prepare(BY_NAME[system.artifact_of])
+            else:
+                path = getattr(self, f"prepare_{system.family}")(system)
         except StepFailed as e:
             self.prep_failed[system.name] = str(e)
             raise

@@ -52,7 +52,8 @@ class System:
     precision: str  # what the table shows
     venv: str  # "dev" or a key of VENVS
     label: str  # the table's system column
-    compare_to: tuple[str, ...] = ()  # ours only: the peers this row is divided by
+    compare_to: tuple[str, ...] = ()  # the rows this row is divided by (ours: its peers)
+    artifact_of: str | None = None  # runs another system's artifact (ours in genai's loop)
 
 
 SYSTEMS: tuple[System, ...] = (
@@ -63,6 +64,12 @@ SYSTEMS: tuple[System, ...] = (
     System("genai-fp32", "genai", "fp32", "genai", "onnxruntime-genai"),
     System("genai-int8", "genai", "int8 (MatMulNBits, block 32)", "genai", "onnxruntime-genai"),
     System("genai-int4", "genai", "int4 (MatMulNBits, block 32)", "genai", "onnxruntime-genai"),
+    # Our artifacts as they are (genai_config.json: the fused graph, shared cache) in genai's C++
+    # loop: the same graph as ours-int8 / ours-int4, another generate loop.
+    System("ours-int8-genailoop", "genai", "int8 (our artifact)", "genai", "gemma-export artifact, genai's loop",
+           ("ours-int8", "genai-int8"), artifact_of="ours-int8"),
+    System("ours-int4-genailoop", "genai", "int4 (our artifact)", "genai", "gemma-export artifact, genai's loop",
+           ("ours-int4", "genai-int4"), artifact_of="ours-int4"),
     System("llamacpp-q4_k_m", "llamacpp", "GGUF Q4_K_M (same file)", "llamacpp", "llama.cpp (llama-cpp-python)"),
     System("optimum-fp32", "optimum", "fp32", "optimum", "Optimum ONNX + ORTModel"),
     System("optimum-int8", "optimum", "int8 dynamic (QOperator)", "optimum", "Optimum ONNX + ORTModel"),

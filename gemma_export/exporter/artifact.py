@@ -1,11 +1,15 @@
 """The artifact directory: what it holds, and writing it atomically.
 
     out/
-      model.onnx, model.onnx.data     the decoder graph and its weights
+      model.onnx                      the decoder graph (weights: manifest data_file)
       manifest.json                   config, precision, I/O spec, checksums, versions, parity
       parity.json                     the full verify report (written by verify)
       tokenizer.model                 SentencePiece (copied, or built from a GGUF vocabulary)
       config.json, generation_config.json   for clients that read a Hugging Face model folder
+      tokenizer.json, tokenizer_config.json, special_tokens_map.json, genai_config.json,
+      onnx/model{suffix}.onnx(_data)  transformers.js's folder (also Optimum's graph); the
+                                      weights live there and every graph reads them
+                                      (exporter/clients.py; bf16 keeps model.onnx.data)
 
 Everything is built in a hidden sibling directory and renamed onto `out` at the end, so
 an error or Ctrl-C leaves nothing at `out` (and an old artifact replaced with --force
@@ -117,11 +121,19 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 
 def file_table(d: Path) -> dict[str, FileEntry]:
-    return {
-        p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
-        for p in sorted(d.iterdir())
-        if p.is_file() and p.name not in _UNLISTED
-    }
+    """Every file by its path relative to `d` (top level first, then subfolders such as onnx/),
+    each file on disk once (a hard link to one already listed is left out), so sizes add up to
+    the disk the artifact takes."""
+    top = sorted(p for p in d.iterdir() if p.is_file() and p.name not in _UNLISTED)
+    nested = sorted(p for p in d.rglob("*") if p.is_file() and p.parent != d)
+    table, seen = {}, set()
+    for p in top + nested:
+        st = p.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        table[p.relative_to(d).as_posix()] = FileEntry(size=st.st_size, sha256=sha256_file(p))
+    return table
 
 
 def versions() -> dict[str, str]:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gemma_export.contract import (
-    CORPUS, DATA_FILE, GENERATION_CONFIG_FILE, HF_CONFIG_FILE, MODEL_FILE, PARITY_FILE, TOKENIZER_FILE, Precision,
-    io_spec,
+    CORPUS, DATA_FILE, GENERATION_CONFIG_FILE, HF_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE, HF_TOKENIZER_CONFIG_FILE,
+    HF_TOKENIZER_FILE, MODEL_FILE, PARITY_FILE, TOKENIZER_FILE, KVLayout, Precision, io_spec,
 )
 from gemma_export.api import Artifact, verify_result
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError, UsageError
@@ -69,22 +69,42 @@ def _encoder(tok: bytes | None):
     return Tokenizer.from_bytes(tok).encode
 
 
-def _write_side_files(d: Path, cfg, tok: bytes | None) -> None:
+def _write_side_files(d: Path, cfg, tok: bytes | None, *, precision: Precision, made: Made,
+                      max_length: int) -> tuple[dict[str, dict[str, str]], str]:
+    """tokenizer.model and the files other clients read (Hugging Face config and tokenizer
+    files, genai_config.json, the transformers.js folder, which the weights move into);
+    returns the manifest's `clients` and `data_file`."""
+    from gemma_export.exporter import clients, hf_tokenizer
+
     if tok is not None:
         (d / TOKENIZER_FILE).write_bytes(tok)
-    write_json(d / HF_CONFIG_FILE, cfg.to_hf_dict())
+        write_json(d / HF_TOKENIZER_FILE, hf_tokenizer.tokenizer_json(tok), compact=True)
+        write_json(d / HF_TOKENIZER_CONFIG_FILE, hf_tokenizer.tokenizer_config(tok, max_length))
+        write_json(d / HF_SPECIAL_TOKENS_FILE, hf_tokenizer.special_tokens_map(tok))
+    hf_config = cfg.to_hf_dict()
+    tfjs = clients.tfjs_config(precision)
+    if tfjs is not None:
+        hf_config["transformers.js_config"] = tfjs
+    write_json(d / HF_CONFIG_FILE, hf_config)
     write_json(
         d / GENERATION_CONFIG_FILE,
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id},
     )
+    fields = made.fields
+    return clients.write_client_files(
+        d, cfg, precision=precision, kv_cache=fields.get("kv_cache") or KVLayout.CONCAT, model_file=MODEL_FILE,
+        portable_model_file=fields.get("portable_model_file"),
+        cpu_model_file=(fields.get("provider_model_files") or {}).get("cpu"), data_file=DATA_FILE,
+        max_length=max_length)
 
 
 def _manifest(d: Path, *, cfg, recipe: ArtifactRecipe, made: Made, source: Source, max_length: int,
-              has_tokenizer: bool, derived_from: str | None = None) -> Manifest:
+              has_tokenizer: bool, clients: dict[str, dict[str, str]], data_file: str,
+              derived_from: str | None = None) -> Manifest:
     """The manifest of the artifact being built in `d`, written there (parity still None)."""
     manifest = Manifest(
         model_file=MODEL_FILE,
-        data_file=DATA_FILE,
+        data_file=data_file,
         precision=recipe.precision,
         recipe=recipe.to_dict(),
         kept_fp32=made.kept_fp32,
@@ -100,6 +120,7 @@ def _manifest(d: Path, *, cfg, recipe: ArtifactRecipe, made: Made, source: Sourc
         versions=art.versions(),
         quantized=made.summary,
         derived_from=derived_from,
+        clients=clients,
         files=art.file_table(d),
     )
     manifest = dataclasses.replace(manifest, **made.fields)
@@ -127,9 +148,11 @@ def _build(out: Path, *, force: bool, recipe: ArtifactRecipe, cfg, tok: bytes | 
                                     calibration=lambda: _calibration_ids(cfg.vocab_size, _encoder(tok))))
         shutil.rmtree(scratch, ignore_errors=True)
         with progress.stage("writing artifact"):
-            _write_side_files(tmp, cfg, tok)
+            clients, data_file = _write_side_files(tmp, cfg, tok, precision=recipe.precision, made=made,
+                                                   max_length=max_length)
             manifest = _manifest(tmp, cfg=cfg, recipe=recipe, made=made, source=source, max_length=max_length,
-                                 has_tokenizer=tok is not None, derived_from=derived_from)
+                                 has_tokenizer=tok is not None, clients=clients, data_file=data_file,
+                                 derived_from=derived_from)
         report = None
         if verify_against is not None:
             with progress.stage("verifying parity"):

@@ -129,7 +129,8 @@ class GemmaConfig:
         }
         if self.family >= 2:
             d.update(
-                query_pre_attn_scalar=self.query_pre_attn_scalar,
+                # transformers' configs type it int (their loaders validate it; 256, 144, ...).
+                query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
                 attn_logit_softcapping=self.attn_logit_softcapping,
                 final_logit_softcapping=self.final_logit_softcapping,
                 sliding_window=self.sliding_window,
@@ -250,3 +251,7 @@ class GemmaConfig:
 
 def _opt_float(x: Any) -> float | None:
     return None if x is None else float(x)
+
+
+def _int_if_whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x

@@ -13,6 +13,9 @@ from typing import Any
 from gemma_export.contract import KVLayout
 from gemma_export.runtime.manifest import Manifest
 
+# The other runtimes an export writes files for, in the order `inspect` lists them.
+CLIENTS = ("onnxruntime-genai", "optimum", "transformers.js")
+
 
 def inspect_artifact(artifact_dir: Path | str) -> dict[str, Any]:
     """The facts `inspect` prints, as one JSON-ready dict."""
@@ -24,6 +27,9 @@ def inspect_artifact(artifact_dir: Path | str) -> dict[str, Any]:
         graphs.setdefault(m.graph_file(provider), []).append(f"{provider} provider")
     if m.portable_model_file:
         graphs.setdefault(m.portable_model_file, []).append("contract-exact sibling (--portable)")
+    for client in CLIENTS:
+        if client in m.clients:
+            graphs.setdefault(m.clients[client]["graph"], []).append(client)
     standard = not m.onnxruntime_ops
     return {
         "artifact": str(d),
@@ -52,7 +58,10 @@ def inspect_artifact(artifact_dir: Path | str) -> dict[str, Any]:
             # A graph of standard ops only runs on any ONNX runtime; contrib ops need ONNX Runtime.
             "any ONNX runtime": standard,
             "ONNX Runtime": True,
+            # Other runtimes, where the artifact carries the files each reads (exporter/clients.py).
+            **{client: client in m.clients for client in CLIENTS},
         },
+        "clients": m.clients,
         "tokenizer": m.tokenizer,
         "versions": m.versions,
     }
@@ -68,7 +77,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"  size        {info['size_bytes'] / 1e6:.1f} MB in {len(info['files'])} files",
         "  graphs",
     ]
-    lines += [f"    {name:<22} {', '.join(uses)}" for name, uses in info["graphs"].items()]
+    lines += [f"    {name:<26} {', '.join(uses)}" for name, uses in info["graphs"].items()]
     layout = info["kv_cache"]
     lines.append(f"  kv cache    {layout}" + (" (past and present one buffer, written in place)"
                                              if layout == KVLayout.SHARED.value else ""))
@@ -86,8 +95,17 @@ def format_inspect(info: dict[str, Any]) -> str:
         for name, m in p["metrics"].items():
             bound = f"{m['op']} {_num(m['threshold'])}" if m.get("threshold") is not None else "(info)"
             lines.append(f"    {name:<40} {_num(m['measured']):>10} {bound}")
-    lines.append(f"  opens in    {', '.join(k for k, v in info['opens_in'].items() if v)}")
+    lines.append(f"  opens in    {', '.join(k for k, v in info['opens_in'].items() if v and k not in CLIENTS)}")
+    for client in CLIENTS:
+        files = info["clients"].get(client)
+        lines.append(f"    {client:<18} " + (_client_line(files) if files else "no (exported before client files)"))
     return "\n".join(lines)
+
+
+def _client_line(files: dict[str, str]) -> str:
+    """"genai_config.json -> model.onnx", "onnx/model_quantized.onnx (dtype q8)"."""
+    line = f"{files['config']} -> {files['graph']}" if "config" in files else files["graph"]
+    return line + (f" (dtype {files['dtype']})" if "dtype" in files else "")
 
 
 def _num(v: Any) -> str:

@@ -25,11 +25,13 @@ FORMAT = "gemma-export"
 FORMAT_VERSION = 1
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, compact: bool = False) -> None:
     """Write via a temporary file and rename, so a reader never sees half a JSON file (the
-    manifest, and the exporter's other JSON files)."""
+    manifest, and the exporter's other JSON files). `compact`: no indentation, UTF-8 as is
+    (tokenizer.json: 14 MB instead of 38)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
+    tmp.write_text(text + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
@@ -82,6 +84,9 @@ class Manifest:
     kv_cache: KVLayout | None = None  # SHARED for the fused integer graphs; absent = CONCAT
     portable_model_file: str | None = None  # the contract-exact sibling of a fused graph
     provider_model_files: dict[str, str] = field(default_factory=dict)  # provider -> graph, where not model_file
+    # Other runtimes: {client: {role: path}}, e.g. {"transformers.js": {"graph": "onnx/model.onnx",
+    # "data": ..., "dtype": "fp32"}} (exporter/clients.py); absent from artifacts made before them.
+    clients: dict[str, dict[str, str]] = field(default_factory=dict)
     parity: dict[str, Any] | None = None  # verify's summary: {"passed", "metrics"}
     files: dict[str, FileEntry] = field(default_factory=dict)  # every file but the manifest and parity.json
     format_version: int = FORMAT_VERSION
@@ -160,6 +165,7 @@ class Manifest:
             kv_cache=None if kv is None else v.enum("kv_cache", KVLayout),
             portable_model_file=v.opt("portable_model_file", str),
             provider_model_files={k: pv.str_(k) for k in pmf},
+            clients=_clients(v.opt("clients", dict) or {}, where),
             parity=v.opt("parity", dict),
             files={name: _file_entry(e, f"{where}: files[{name!r}]") for name, e in v.dict_("files").items()},
             format_version=version,
@@ -194,6 +200,8 @@ class Manifest:
         if self.portable_model_file is not None:
             named["portable_model_file"] = self.portable_model_file
         named |= {f"provider_model_files[{k!r}]": v for k, v in self.provider_model_files.items()}
+        named |= {f"clients[{c!r}][{r!r}]": p for c, roles in self.clients.items() for r, p in roles.items()
+                  if r != "dtype"}
         named |= {f"files[{k!r}]": k for k in self.files}
         for fld, name in named.items():
             inside_artifact(d, name, f"{d / MANIFEST_FILE}: {fld}")
@@ -212,7 +220,7 @@ class Manifest:
                 raise ArtifactError(f"{p}: sha256 does not match {MANIFEST_FILE} (corrupt or modified)")
 
 
-_OPTIONAL = {"quantized", "derived_from", "kv_cache", "portable_model_file", "provider_model_files"}
+_OPTIONAL = {"quantized", "derived_from", "kv_cache", "portable_model_file", "provider_model_files", "clients"}
 
 
 def inside_artifact(d: Path, name: str, what: str) -> Path:
@@ -289,6 +297,16 @@ def _config(raw: dict, where: str) -> dict:
             raise ArtifactError(f"{where}: config {key!r} must be >= 0")
     v.list_("eos_token_ids", int)
     return raw
+
+
+def _clients(raw: dict, where: str) -> dict[str, dict[str, str]]:
+    v = _Fields(raw, f"{where}: clients")
+    out = {}
+    for client in raw:
+        roles = v.dict_(client)
+        rv = _Fields(roles, f"{where}: clients[{client!r}]")
+        out[client] = {role: rv.str_(role) for role in roles}
+    return out
 
 
 def _io(raw: dict, where: str) -> dict:

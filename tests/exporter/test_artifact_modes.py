@@ -43,7 +43,7 @@ def test_export_follows_the_umask(tmp_path, mask):
     out = tmp_path / "a"
     with umask(mask):
         export_artifact("tiny-gemma1", out, verify=False)
-    assert "model.onnx.data" in _modes(out)
+    assert "onnx/model.onnx_data" in _modes(out)
     assert _modes(out) == _expected(out, mask)
 
 
@@ -54,7 +54,8 @@ def test_quantize_follows_the_umask(tiny_artifacts, tmp_path, precision):
     with umask(0o022):
         quantize_artifact(src, out, precision=precision, verify=False)
     assert _modes(out) == _expected(out, 0o022)
-    assert _modes(out)["model.onnx.data"] == 0o644 and _modes(out)["."] == 0o755
+    data = {"int8": "onnx/model_quantized.onnx_data", "fp16": "onnx/model_fp16.onnx_data"}[precision]
+    assert _modes(out)[data] == 0o644 and _modes(out)["."] == 0o755
 
 
 GENERATE = "from gemma_export.runtime.generate import SamplingConfig, load_generator; import sys, json; " \

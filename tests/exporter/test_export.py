@@ -45,8 +45,8 @@ def test_tiny_family_exports_and_verifies(tiny_artifacts, name):
     assert res["parity"]["passed"], res["parity_table"]
     names = {m["name"] for m in res["parity"]["metrics"]}
     assert any("greedy top-1" in n for n in names) and any("ragged batch" in n for n in names)
-    for f in ("model.onnx", "model.onnx.data", "manifest.json", "parity.json", "tokenizer.model", "config.json",
-              "generation_config.json"):
+    for f in ("model.onnx", "onnx/model.onnx", "onnx/model.onnx_data", "manifest.json", "parity.json",
+              "tokenizer.model", "tokenizer.json", "genai_config.json", "config.json", "generation_config.json"):
         assert (out / f).is_file(), f
 
 

@@ -150,7 +150,7 @@ def test_bf16_tiny_families(tiny_artifacts, tmp_path, name):
     cpu = onnx.load(str(out / "model.cpu.onnx"), load_external_data=False)
     locs = {e.value for t in list(main.graph.initializer) + list(cpu.graph.initializer) for e in t.external_data
             if e.key == "location"}
-    assert locs == {"model.onnx.data"}
+    assert locs == {json.loads((out / "manifest.json").read_text())["data_file"]}
     types = {t.name: t.data_type for t in main.graph.initializer}
     assert types[EMBED_WEIGHT] == TensorProto.FLOAT16
     assert all(types[k] == TensorProto.BFLOAT16 for k in types if k.endswith(".MatMul.weight"))

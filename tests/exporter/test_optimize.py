@@ -207,11 +207,11 @@ def test_pack_projections_rule(plain, tmp_path, name):
     proto.graph.ClearField("value_info")
     packed = tmp_path / "packed"
     shutil.copytree(q, packed)
-    (packed / "model.onnx.data").unlink()
-    onnx.save(proto, str(packed / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=1024)
     m = json.loads((packed / "manifest.json").read_text())
-    for f in ("model.onnx", "model.onnx.data"):
+    (packed / m["data_file"]).unlink()
+    onnx.save(proto, str(packed / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=m["data_file"], size_threshold=1024)
+    for f in ("model.onnx", m["data_file"]):
         m["files"][f] = {"size": (packed / f).stat().st_size, "sha256": sha256_file(packed / f)}
     (packed / "manifest.json").write_text(json.dumps(m))
     ref, got = _logits(DecoderSession(q, provider="cpu")), _logits(DecoderSession(packed, provider="cpu"))

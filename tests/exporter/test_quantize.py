@@ -153,7 +153,8 @@ def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifact
     assert m["kv_cache"] == "shared" and m["portable_model_file"] == "model.portable.onnx"
     assert m["provider_model_files"] == {"cuda": "model.portable.onnx"}  # verified on CPU only
     assert m["io"] == io_spec(cfg, kv_cache="shared")
-    assert set(m["files"]) >= {"model.onnx", "model.portable.onnx", "model.onnx.data"}
+    assert m["data_file"] == "onnx/model_q4.onnx_data"  # transformers.js's q4 file holds the weights
+    assert set(m["files"]) >= {"model.onnx", "model.portable.onnx", m["data_file"], "onnx/model_q4.onnx"}
     fused, portable = (onnx.load(str(out / f), load_external_data=False) for f in ("model.onnx", "model.portable.onnx"))
 
     def dims(proto, name):
@@ -169,7 +170,7 @@ def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifact
     assert "GroupQueryAttention" not in {n.op_type for n in portable.graph.node}
     external = {e.value for p in (fused, portable) for t in p.graph.initializer for e in t.external_data
                 if e.key == "location"}
-    assert external == {"model.onnx.data"}
+    assert external == {m["data_file"]}
     inline = [t.name for t in portable.graph.initializer if len(t.raw_data) > 1024]
     assert not inline  # every weight is read from the one data file
     a, b = DecoderSession(out, provider="cpu"), DecoderSession(out, provider="cpu", portable=True)
@@ -238,7 +239,7 @@ def test_quantize_explains_a_hard_linked_weights_file(tiny_artifacts, tmp_path):
 
     src = tmp_path / "src"
     shutil.copytree(_tiny_fp32(tiny_artifacts, "tiny-gemma1"), src)
-    os.link(src / "model.onnx.data", tmp_path / "second-link")
+    os.link(src / json.loads((src / "manifest.json").read_text())["data_file"], tmp_path / "second-link")
     with pytest.raises(ArtifactError, match="cannot read the fp32 weights") as e:
         quantize_artifact(src, tmp_path / "q", precision="int8", verify=False)
     assert "\n" not in str(e.value) and str(src) in str(e.value)

@@ -35,15 +35,16 @@ def test_checksums_are_checked_at_load_unless_skipped(tiny_fp32, tmp_path):
     loaded with verify_checksums off (--no-verify-checksums)."""
     import shutil
 
-    from gemma_export.contract import DATA_FILE
     from gemma_export.errors import ArtifactError
+    from gemma_export.runtime.manifest import Manifest
     from gemma_export.server.main import ServeOptions, loader
 
     art = tmp_path / "a"
     shutil.copytree(tiny_fp32, art)
-    raw = bytearray((art / DATA_FILE).read_bytes())
+    data = art / Manifest.read(art).data_file
+    raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x01
-    (art / DATA_FILE).write_bytes(bytes(raw))
+    data.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="sha256"):
         loader(art, ServeOptions(provider="cpu"))()
     engine = loader(art, ServeOptions(provider="cpu", verify_checksums=False))()
