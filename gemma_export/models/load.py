@@ -111,7 +111,7 @@ PRESETS: dict[str, Callable[[], GemmaConfig]] = {
     "tiny-gemma4": lambda: _gemma4(
         6, 3, vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=8,
-        hidden_size_per_layer_input=8, num_kv_shared_layers=2, use_double_wide_mlp=True,
+        hidden_size_per_layer_input=64, num_kv_shared_layers=2, use_double_wide_mlp=True,
         max_position_embeddings=256, eos_token_ids=(1, 5), name="preset:tiny-gemma4",
     ),
     # Gemma 4 mixture of experts (26B-A4B shape): experts beside the MLP, k = v on global
@@ -201,7 +201,14 @@ def random_weights(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     for name in sorted(shapes):
         shape = shapes[name]
         base = 0.0
-        if name.endswith("norm.weight"):
+        if cfg.family == 4 and name.endswith(("q_norm.weight", "k_norm.weight")):
+            # Gemma 4 scales attention scores by 1 and leaves the 1/sqrt(head_dim) to the
+            # learned q/k norm scales; unit scales would give scores of std sqrt(D) and
+            # near-argmax attention that flips on any rounding. D^-1/4 on each side gives
+            # scores of std ~1, as Gemma 1-3's query_pre_attn_scalar does.
+            base = shape[0] ** -0.25
+            std = 0.1 * base
+        elif name.endswith("norm.weight"):
             std, base = 0.1, 1.0 - cfg.norm_offset
         elif name.endswith(_UNIT_SCALES):
             std, base = 0.1, 1.0
