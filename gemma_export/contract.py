@@ -18,11 +18,19 @@ The table it generates (docs/design.md, "The ONNX contract"):
     out present.{i}.key           kv     [batch_size, kv_heads, total_sequence_length, head_dim]
 
 In the shared layout past and present are one buffer of `cache_capacity` positions.
+
+The cache is described as data, one `KVEntry` per past/present pair (`kv_entries`): which
+layers read it, its kv heads and head dim. Gemma 1-3 have one entry per layer, all of one
+shape. Gemma 4 has fewer entries than layers (its KV-shared layers read an earlier
+layer's entry; nothing is stored twice) and per-layer-type shapes (wider global heads).
+io_spec writes each entry's `layers` beside its dtype and shape, so a reader of the
+manifest alone knows the cache it must allocate.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,6 +97,8 @@ TFJS_DIR = "onnx"  # transformers.js (and Optimum): onnx/model{dtype suffix}.onn
 
 # The tied input embedding / LM head: one initializer of this name in every traced graph.
 EMBED_WEIGHT = "model.embed_tokens.weight"
+# Gemma 4's per-layer input embeddings (PLE): only ever gathered, never multiplied.
+PLE_WEIGHT = "model.embed_tokens_per_layer.weight"
 
 # Real redistributable text for perplexity and benchmarks (sources: EVAL_CORPUS_SOURCES.md
 # beside it); shipped as package data so the torch-free runtime can read it too.
@@ -102,19 +112,67 @@ class ShapeConfig(Protocol):
     num_key_value_heads: int
     head_dim: int
     vocab_size: int
+    cache_layers: tuple[int, ...]  # the layers that own a cache entry, in order
+
+    def kv_heads_for(self, layer: int) -> int: ...
+    def head_dim_for(self, layer: int) -> int: ...
+    def kv_source(self, layer: int) -> int: ...
 
 
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """past_key_values.{i}.key / .value (or present.*), layer by layer."""
-    return [f"{prefix}.{i}.{t}" for i in range(num_layers) for t in ("key", "value")]
+# How many positions an entry holds: every position so far. (A sliding-window ring
+# buffer would be a second kind; the contract names the kind per entry.)
+LENGTH_FULL = "full"
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    """One past_key_values.{index}.key / .value pair and its present.* outputs."""
+
+    index: int
+    layers: tuple[int, ...]  # the layers that attend over it; the first one writes it
+    kv_heads: int
+    head_dim: int
+    length: str = LENGTH_FULL
+
+    def names(self, prefix: str) -> list[str]:
+        return [f"{prefix}.{self.index}.key", f"{prefix}.{self.index}.value"]
+
+
+def kv_entries(cfg: ShapeConfig) -> list[KVEntry]:
+    """The cache as data: one entry per layer that computes K/V, listing the KV-shared
+    layers that read it too."""
+    readers: dict[int, list[int]] = {i: [i] for i in cfg.cache_layers}
+    for j in range(cfg.num_hidden_layers):
+        if cfg.kv_source(j) != j:
+            readers[cfg.kv_source(j)].append(j)
+    return [KVEntry(n, tuple(readers[i]), cfg.kv_heads_for(i), cfg.head_dim_for(i))
+            for n, i in enumerate(cfg.cache_layers)]
+
+
+def entries_from_io(io: dict[str, Any]) -> list[KVEntry]:
+    """The cache entries an io_spec (a manifest's `io`) describes, in input order; what
+    the runtime allocates. Entries written before `layers` existed are one layer each."""
+    out = []
+    for name, spec in io["inputs"].items():
+        if name.startswith(PAST_PREFIX + ".") and name.endswith(".key"):
+            index = int(name[len(PAST_PREFIX) + 1:-len(".key")])
+            shape = spec["shape"]
+            out.append(KVEntry(index, tuple(spec.get("layers", [index])), int(shape[1]), int(shape[3]),
+                               spec.get("length", LENGTH_FULL)))
+    return out
+
+
+def kv_names(entries: list[KVEntry], prefix: str) -> list[str]:
+    """past_key_values.{i}.key / .value (or present.*), entry by entry."""
+    return [n for e in entries for n in e.names(prefix)]
 
 
 def input_names(cfg: ShapeConfig) -> list[str]:
-    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + kv_names(cfg.num_hidden_layers, PAST_PREFIX)
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + kv_names(kv_entries(cfg), PAST_PREFIX)
 
 
 def output_names(cfg: ShapeConfig) -> list[str]:
-    return [LOGITS] + kv_names(cfg.num_hidden_layers, PRESENT_PREFIX)
+    return [LOGITS] + kv_names(kv_entries(cfg), PRESENT_PREFIX)
 
 
 def io_spec(cfg: ShapeConfig, kv_dtype: str = "float32", logits_dtype: str = "float32",
@@ -122,21 +180,26 @@ def io_spec(cfg: ShapeConfig, kv_dtype: str = "float32", logits_dtype: str = "fl
     """The I/O contract as data: {"inputs"|"outputs": {name: {"dtype", "shape"[, "default"]}}}.
     Written to the manifest and checked against the graph by the tests, so it cannot drift."""
     layout = KVLayout(kv_cache)
-    kv_in = [BATCH, cfg.num_key_value_heads, PAST if layout == KVLayout.CONCAT else CAPACITY, cfg.head_dim]
-    kv_out = [BATCH, cfg.num_key_value_heads, TOTAL if layout == KVLayout.CONCAT else CAPACITY, cfg.head_dim]
+    past_len = PAST if layout == KVLayout.CONCAT else CAPACITY
+    total_len = TOTAL if layout == KVLayout.CONCAT else CAPACITY
+    entries = kv_entries(cfg)
+    # Gemma 1-3 (one entry per layer, one shape): the entries carry nothing beyond the
+    # name, so their io_spec stays what it always was. Otherwise each entry says its layers.
+    plain = [e.layers for e in entries] == [(i,) for i in range(cfg.num_hidden_layers)]
+
+    def kv(e: KVEntry, length: str) -> dict[str, Any]:
+        d = {"dtype": kv_dtype, "shape": [BATCH, e.kv_heads, length, e.head_dim]}
+        return d if plain else d | {"layers": list(e.layers)}
+
     inputs = {
-        INPUT_IDS: ("int64", [BATCH, SEQ]),
-        ATTENTION_MASK: ("int64", [BATCH, TOTAL]),
-        POSITION_IDS: ("int64", [BATCH, SEQ]),
-        **{n: (kv_dtype, kv_in) for n in kv_names(cfg.num_hidden_layers, PAST_PREFIX)},
+        INPUT_IDS: {"dtype": "int64", "shape": [BATCH, SEQ]},
+        ATTENTION_MASK: {"dtype": "int64", "shape": [BATCH, TOTAL]},
+        POSITION_IDS: {"dtype": "int64", "shape": [BATCH, SEQ]},
+        **{n: kv(e, past_len) for e in entries for n in e.names(PAST_PREFIX)},
+        KEEP_INPUT: {"dtype": "int64", "shape": [], "default": 0},  # optional
     }
-    optional = {KEEP_INPUT: ("int64", [], 0)}
     outputs = {
-        LOGITS: (logits_dtype, [BATCH, SEQ, cfg.vocab_size]),
-        **{n: (kv_dtype, kv_out) for n in kv_names(cfg.num_hidden_layers, PRESENT_PREFIX)},
+        LOGITS: {"dtype": logits_dtype, "shape": [BATCH, SEQ, cfg.vocab_size]},
+        **{n: kv(e, total_len) for e in entries for n in e.names(PRESENT_PREFIX)},
     }
-    return {
-        "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in inputs.items()}
-        | {k: {"dtype": d, "shape": s, "default": v} for k, (d, s, v) in optional.items()},
-        "outputs": {k: {"dtype": d, "shape": s} for k, (d, s) in outputs.items()},
-    }
+    return {"inputs": inputs, "outputs": outputs}

@@ -16,7 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 # Fixtures that export and verify artifacts (tens of seconds each on 2 cores): a test that
 # uses one is `slow`, so `make test-fast` (-m "not real and not slow") runs without them.
-SLOW_FIXTURES = {"tiny_artifacts", "plain", "tiny_fp32", "tiny_int8", "server", "client", "exported"}
+SLOW_FIXTURES = {"tiny_artifacts", "gemma4_artifacts", "plain", "tiny_fp32", "tiny_int8", "server", "client",
+                 "exported"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,7 +39,7 @@ import torch
 from onnx import TensorProto, helper
 
 from gemma_export.contract import (
-    DATA_FILE, EMBED_WEIGHT, KEEP_INPUT, MODEL_FILE, input_names, io_spec, output_names,
+    DATA_FILE, EMBED_WEIGHT, KEEP_INPUT, MODEL_FILE, input_names, io_spec, kv_entries, output_names,
 )
 from gemma_export.errors import ExportError
 from gemma_export.models.config import GemmaConfig
@@ -69,8 +69,7 @@ def export_onnx(model: GemmaForCausalLM, out_dir: Path) -> ExportResult:
     out_dir = Path(out_dir)
     # Example sizes >= 2 so torch.export keeps every dim symbolic (it specialises 0 and 1).
     B, S, P = 2, 3, 4
-    shape = (B, cfg.num_key_value_heads, P, cfg.head_dim)
-    past = [torch.zeros(shape) for _ in range(2 * cfg.num_hidden_layers)]
+    past = [torch.zeros(B, e.kv_heads, P, e.head_dim) for e in kv_entries(cfg) for _ in (0, 1)]
     args = (
         torch.zeros((B, S), dtype=torch.long),
         torch.ones((B, P + S), dtype=torch.long),
@@ -263,6 +262,10 @@ def _name_nodes_and_weights(proto: onnx.ModelProto) -> None:
         # Weight matrices (stored [in, out] by the exporter) take the module's name.
         if n.op_type == "MatMul" and scope and n.input[1] in inits and n.input[1] not in renames:
             renames[n.input[1]] = f"{scope}.MatMul.weight"
+        # Gathered tables (Gemma 4's PLE, the experts) keep their checkpoint names, without
+        # the tracing wrapper's attribute (_Traceable.m).
+        if n.op_type == "Gather" and n.input[0] in inits and n.input[0].startswith("m."):
+            renames.setdefault(n.input[0], n.input[0][len("m."):])
         del n.metadata_props[:]  # stack traces of the tracing machine: noise in the artifact
     for old, new in renames.items():
         _rename_value(proto, old, new)

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gemma_export.contract import EMBED_WEIGHT
+from gemma_export.contract import EMBED_WEIGHT, PLE_WEIGHT
 from gemma_export.errors import ExportError
 from gemma_export.exporter.blocks import (
     Blocks,
@@ -214,6 +214,14 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             embed_blocks = embed_blocks or src.blocks(EMBED_WEIGHT, tuple(inits[EMBED_WEIGHT].dims), embed_weight)
             nodes.extend(_embedding(node, embed_blocks, new_inits))
             summary["embedding"] = True
+        elif kind == "ple":
+            # Gemma 4's PLE table (E2B: 262144 x 8960, larger than the rest of the model):
+            # gathered only, so it is stored once as GatherBlockQuantized codes, rounded to
+            # nearest at the recipe's bits (no product input to calibrate GPTQ on).
+            b = src.blocks(PLE_WEIGHT, tuple(inits[PLE_WEIGHT].dims), partial(_array, inits, PLE_WEIGHT))
+            nodes.extend(_embedding(node, b, new_inits, _PLE_PREFIX, with_codes=True))
+            drop.add(PLE_WEIGHT)
+            summary["bits"][PLE_WEIGHT] = [b.bits, b.block_size]
         else:
             nodes.append(node)
             continue
@@ -260,10 +268,13 @@ def _kind(node: onnx.NodeProto, inits) -> str | None:
         return "lm_head"
     if node.op_type == "Gather" and node.input[0] == EMBED_WEIGHT:
         return "embedding"
+    if node.op_type == "Gather" and node.input[0] == PLE_WEIGHT:
+        return "ple"
     return None
 
 
 _EMBED_PREFIX = "model.embed_tokens"
+_PLE_PREFIX = "model.embed_tokens_per_layer"
 
 
 def _lm_head(node: onnx.NodeProto, b: Blocks, inits: list, level: int) -> list[onnx.NodeProto]:
@@ -272,11 +283,15 @@ def _lm_head(node: onnx.NodeProto, b: Blocks, inits: list, level: int) -> list[o
     return _matmulnbits("/lm_head/MatMulNBits", node.input[0], node.output[0], b, _EMBED_PREFIX, inits, level)
 
 
-def _embedding(node: onnx.NodeProto, b: Blocks, inits: list) -> list[onnx.NodeProto]:
+def _embedding(node: onnx.NodeProto, b: Blocks, inits: list, p: str = _EMBED_PREFIX,
+               with_codes: bool = False) -> list[onnx.NodeProto]:
     """Gather -> GatherBlockQuantized over the same packed codes (read as [V, kb, blob],
-    quantized along axis 2), then Reshape [B, S, kb, bs] -> [B, S, H]."""
+    quantized along axis 2), then Reshape [B, S, kb, bs] -> [B, S, H]. The tied
+    embedding's codes are written by the LM head's MatMulNBits; `with_codes` writes them
+    here (a table nothing else reads: the PLE)."""
     v, kb, bs = b.codes.shape
-    p = _EMBED_PREFIX
+    if with_codes:
+        inits.append(numpy_helper.from_array(pack(b.codes, b.bits), f"{p}.qweight"))
     inits.append(numpy_helper.from_array(b.scales.reshape(v, kb, 1).astype(np.float32), f"{p}.gather_scales"))
     inputs = [f"{p}.qweight", node.input[1], f"{p}.gather_scales"]
     if not b.default_zero_point:
@@ -287,10 +302,11 @@ def _embedding(node: onnx.NodeProto, b: Blocks, inits: list) -> list[onnx.NodePr
         inputs.append(f"{p}.gather_zero_points")
     inits.append(numpy_helper.from_array(np.array([0, 0, kb * bs], np.int64), f"{p}.gather_shape"))
     mid = f"{node.output[0]}/blocks"
+    scope = "/" + p.replace(".", "/")
     return [
-        helper.make_node("GatherBlockQuantized", inputs, [mid], name="/model/embed_tokens/GatherBlockQuantized",
+        helper.make_node("GatherBlockQuantized", inputs, [mid], name=f"{scope}/GatherBlockQuantized",
                          domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=bs, bits=b.bits),
-        helper.make_node("Reshape", [mid, f"{p}.gather_shape"], [node.output[0]], name="/model/embed_tokens/Reshape"),
+        helper.make_node("Reshape", [mid, f"{p}.gather_shape"], [node.output[0]], name=f"{scope}/Reshape"),
     ]
 
 
@@ -302,6 +318,8 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     inits = {i.name: i for i in proto.graph.initializer}
     out = {}
     for node in proto.graph.node:
+        if node.op_type == "GatherBlockQuantized" and node.input[0] == f"{_PLE_PREFIX}.qweight":
+            out[PLE_WEIGHT] = _gathered_table(node, inits)
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: a.i for a in node.attribute}
@@ -329,3 +347,19 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
             name = prefix[: -len(".MatMul")] + ".weight" if prefix.endswith(".MatMul") else prefix + ".weight"
             out[name] = part
     return out
+
+
+def _gathered_table(node: onnx.NodeProto, inits: dict) -> np.ndarray:
+    """The fp32 table [V, K] a GatherBlockQuantized of `_embedding` (with_codes) reads."""
+    attrs = {a.name: a.i for a in node.attribute}
+    bits, bs = attrs["bits"], attrs["block_size"]
+    codes = unpack(numpy_helper.to_array(inits[node.input[0]]), bits, bs)  # [V, kb, bs]
+    v, kb = codes.shape[:2]
+    scales = numpy_helper.to_array(inits[node.input[2]]).reshape(v, kb)
+    if len(node.input) > 3 and node.input[3]:
+        zp = numpy_helper.to_array(inits[node.input[3]]).reshape(v, kb)
+        if bits == 4:
+            zp = zp & 0x0F  # one zero point per byte, in the low nibble (see _embedding)
+    else:
+        zp = np.full((v, kb), 2 ** (bits - 1), np.uint8)
+    return Blocks(codes, scales, zp, bits).dequantize()

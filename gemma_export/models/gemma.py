@@ -31,18 +31,21 @@ PastKeyValues = tuple[Tensor, ...]  # (k0, v0, k1, v1, ...), each [B, KV, T, D]
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * (1 + w). Computed in fp32 with the 1 added in fp32 before any cast:
-    adding it after a cast to fp16/bf16 would lose the small deltas w carries."""
+    """x / rms(x) * (offset + w). Computed in fp32 with the 1 added in fp32 before any cast:
+    adding it after a cast to fp16/bf16 would lose the small deltas w carries. Gemma 1-3
+    store w (offset 1), Gemma 4 the scale itself (offset 0, config.norm_offset)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 1.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))  # Gemma stores w, the scale is 1 + w
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        scale = self.offset + self.weight.float() if self.offset else self.weight.float()
+        return (xf * scale).to(x.dtype)
 
 
 class MLP(nn.Module):

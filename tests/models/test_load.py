@@ -389,8 +389,8 @@ def test_file_of_unknown_kind(tmp_path):
 
 def test_unknown_preset_lists_known_names():
     with pytest.raises(CheckpointError) as e:
-        load_model("tiny-gemma4")
-    check_error(e, "tiny-gemma4", "tiny-gemma1", "tiny-gemma3", "gemma3-270m")
+        load_model("tiny-gemma9")
+    check_error(e, "tiny-gemma9", "tiny-gemma1", "tiny-gemma3", "gemma3-270m")
 
 
 def test_gguf_name_table_reads_both_ways():

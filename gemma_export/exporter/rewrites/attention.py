@@ -79,6 +79,10 @@ class AttentionRule(Rule):
         i = _layer(scope)
         if i is None or not 0 <= i < self.cfg.num_hidden_layers:
             return "no layer index in the scope"
+        if self.cfg.family == 4:
+            # Per-layer head shapes, attention scale 1, and KV-shared layers reading another
+            # layer's cache: not what this rewrite builds. Gemma 4 keeps plain attention.
+            return "Gemma 4 attention is not fused"
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
         cat_k, cat_v = g.prod(pres_k, "Concat"), g.prod(pres_v, "Concat")
