@@ -59,7 +59,7 @@ def test_quantize_follows_the_umask(tiny_artifacts, tmp_path, precision):
 
 
 GENERATE = "from gemma_export.runtime.generate import SamplingConfig, load_generator; import sys, json; " \
-           "r = load_generator(sys.argv[1], provider='cpu').generate(['Hi'], SamplingConfig(max_new_tokens=4, " \
+           "r = load_generator(sys.argv[1], provider='cpu').generate_result(['Hi'], SamplingConfig(max_new_tokens=4, " \
            "ignore_eos=True)); print(json.dumps(r.token_ids[0]))"
 
 

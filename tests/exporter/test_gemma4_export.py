@@ -184,8 +184,8 @@ def test_runtime_generates_with_chat_format(gemma4_artifacts):
     out, _ = gemma4_artifacts["tiny-gemma4"]
     gen = load_generator(out, provider="cpu")
     cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
-    a = gen.generate(["hello there"], cfg)
-    b = gen.generate(["hello there"], cfg)
-    c = gen.generate(["hello there"], cfg, chat=True)
+    a = gen.generate_result(["hello there"], cfg)
+    b = gen.generate_result(["hello there"], cfg)
+    c = gen.generate_result(["hello there"], cfg, chat=True)
     assert a.token_ids == b.token_ids and len(a.token_ids[0]) == 12
     assert c.prompt_tokens[0] > a.prompt_tokens[0]
