@@ -236,6 +236,9 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (reproducible output).")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat turn format.")] = False,
+    truncate: Annotated[bool, typer.Option(
+        "--truncate", help="Cut a prompt too long for the context to its <bos> and last tokens (default: refuse it)."
+    )] = False,
     provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = None,
     portable: PortableOpt = False,
@@ -258,7 +261,7 @@ def generate(
         typer.echo(f"provider: {gen.session.provider.value}", err=True)
     stream = not json_out and len(prompts) == 1
     on_text = (lambda _b, t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
-    res = gen.generate_result(prompts, cfg, chat=chat, on_text=on_text)
+    res = gen.generate_result(prompts, cfg, chat=chat, on_text=on_text, truncate=truncate)
     if stream:
         sys.stdout.write("\n")
     obj = {

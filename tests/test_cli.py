@@ -272,6 +272,37 @@ def test_generate_streams_text(artifact, capsys):
     assert err.startswith("provider: cpu\n") and "tokens, first after" in err
 
 
+def _short_context(artifact: Path, tmp_path: Path, n: int) -> Path:
+    """A copy of the artifact whose manifest says its context is n tokens."""
+    d = tmp_path / "short"
+    shutil.copytree(artifact, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["max_length"] = n
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context_unless_truncating(artifact, tmp_path, capsys):
+    d = _short_context(artifact, tmp_path, 16)
+    prompt = " ".join(["word"] * 40)
+    rc = main(["generate", str(d), prompt, "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    error_line(rc, out, err, 1, "does not fit the model's context of 16 tokens", "--truncate", only=False)
+    assert out == ""
+    rc = main(["generate", str(d), prompt, "--max-new-tokens", "4", "--truncate", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    [r] = json.loads(out)["results"]
+    assert r["prompt_tokens"] == 12 and r["new_tokens"] <= 4  # room kept for the 4 new tokens
+    rc = main(["generate", str(d), prompt, "--max-new-tokens", "100", "--truncate", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    [r] = json.loads(out)["results"]
+    # half the context stays prompt; the row then ends at the context, not at max-new-tokens
+    assert r["prompt_tokens"] == 8 and r["prompt_tokens"] + r["new_tokens"] <= 16
+    assert r["finish_reason"] in ("context", "eos")
+
+
 def test_generate_batch_from_prompt_file(artifact, tmp_path, capsys):
     f = tmp_path / "prompts.txt"
     f.write_text("Hello\n\nThe capital of France is\n")  # blank lines are skipped

@@ -160,6 +160,25 @@ class IdsResult:
     decode_seconds: float
     decode_steps: int
     timings: dict = field(default_factory=dict)
+    prompt_lengths: list[int] = field(default_factory=list)  # after --truncate
+
+
+def fit_context(prompts: Sequence[Sequence[int]], max_length: int, max_new_tokens: int,
+                truncate: bool = False) -> list[list[int]]:
+    """The prompts as they will run. A prompt must leave room for at least one new token;
+    one that does not is refused (RuntimeConfigError, one line), or with `truncate` cut to
+    its first token (<bos>) and its last ones, so that it and `max_new_tokens` fit (at
+    least half the context stays prompt)."""
+    out = [list(p) for p in prompts]
+    keep = max(max_length - max_new_tokens, max_length // 2, 2)
+    for i, p in enumerate(out):
+        if len(p) < max_length:
+            continue
+        if not truncate:
+            raise RuntimeConfigError(f"prompt of {len(p)} tokens does not fit the model's context of {max_length} "
+                                     f"tokens (--truncate keeps its last {keep - 1} tokens)")
+        out[i] = p[:1] + p[len(p) - (keep - 1):]
+    return out
 
 
 def generate_ids(
@@ -167,17 +186,17 @@ def generate_ids(
     prompts: Sequence[Sequence[int]],
     cfg: SamplingConfig,
     on_token: Callable[[int, int], bool] | None = None,
+    truncate: bool = False,
 ) -> IdsResult:
     """Generate for a batch of token-id prompts. `on_token(row, id)` is called for every
-    generated token and may return True to finish that row (stop strings)."""
+    generated token and may return True to finish that row (stop strings). A prompt
+    that leaves no room in the context is refused, or cut with `truncate` (fit_context);
+    a row that reaches the end of the context finishes with "context"."""
     cfg.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise RuntimeConfigError("every prompt needs at least one token")
+    prompts = fit_context(prompts, sess.max_length, cfg.max_new_tokens, truncate)
     longest = max(len(p) for p in prompts)
-    if longest >= sess.max_length:
-        raise RuntimeConfigError(
-            f"prompt of {longest} tokens does not fit the model's context of {sess.max_length} tokens"
-        )
     rng = np.random.default_rng(cfg.seed)
     B = len(prompts)
     eos = set() if cfg.ignore_eos else set(sess.eos_ids)
@@ -214,7 +233,8 @@ def generate_ids(
         state = decode_one_token(sess, state, nxt)
         steps += 1
     t2 = time.perf_counter()
-    return IdsResult(out, [r or "length" for r in reasons], t1 - t0, t2 - t1, steps)
+    return IdsResult(out, [r or "length" for r in reasons], t1 - t0, t2 - t1, steps,
+                     prompt_lengths=[len(p) for p in prompts])
 
 
 # -- text level --------------------------------------------------------------------------------
@@ -290,6 +310,7 @@ def generate_text(
     *,
     chat: bool = False,
     on_text: Callable[[int, str], None] | None = None,
+    truncate: bool = False,
 ) -> TextResult:
     """Text in, text out. `on_text(row, piece)` streams text as it is produced: never half a
     UTF-8 character, and never text that a stop string later claims."""
@@ -315,7 +336,7 @@ def generate_text(
         commit(b, streams[b].push(tok))
         return streams[b].stopped
 
-    res = generate_ids(sess, ids, cfg, on_token)
+    res = generate_ids(sess, ids, cfg, on_token, truncate=truncate)
     for b in range(B):
         commit(b, streams[b].flush())
         if streams[b].stopped:
@@ -325,7 +346,7 @@ def generate_text(
         texts=["".join(d) for d in done],
         token_ids=res.tokens,
         finish_reasons=res.finish_reasons,
-        prompt_tokens=[len(i) for i in ids],
+        prompt_tokens=res.prompt_lengths,
         seconds_to_first_token=res.prefill_seconds,
         decode_tokens_per_second=rate,
         provider=sess.provider.value,
@@ -418,10 +439,12 @@ class Generator:
         return self.generate(format_chat(messages), **sampling)
 
     def generate_result(self, prompts: Sequence[str], cfg: SamplingConfig, *, chat: bool = False,
-                        on_text: Callable[[int, str], None] | None = None) -> TextResult:
+                        on_text: Callable[[int, str], None] | None = None, truncate: bool = False) -> TextResult:
         """Everything about one batch: texts, token ids, finish reasons, timing. `on_text(row,
-        piece)` streams (what `stream` and the CLI use)."""
-        return generate_text(self.session, self.tokenizer, prompts, cfg, chat=chat, on_text=on_text)
+        piece)` streams (what `stream` and the CLI use); `truncate` keeps <bos> and the prompt's
+        last tokens where it would not fit the context (otherwise such a prompt is refused)."""
+        return generate_text(self.session, self.tokenizer, prompts, cfg, chat=chat, on_text=on_text,
+                             truncate=truncate)
 
     def _stream(self, prompt: str, cfg: SamplingConfig, chat: bool) -> Iterator[str]:
         pieces: queue.SimpleQueue = queue.SimpleQueue()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gemma_export.errors import RuntimeConfigError
-from gemma_export.runtime.generate import SamplingConfig, generate_ids, load_generator, sample
+from gemma_export.runtime.generate import SamplingConfig, fit_context, generate_ids, load_generator, sample
 from gemma_export.runtime.session import Provider
 
 
@@ -68,6 +68,15 @@ def test_loop_stops_at_context_limit():
     assert 3 + len(res.tokens[0]) <= 9
     with pytest.raises(RuntimeConfigError, match="context"):
         generate_ids(m, [list(range(2, 12))], SamplingConfig())
+
+
+def test_truncate_keeps_bos_and_the_last_tokens():
+    m = CountingModel(max_length=8)
+    res = generate_ids(m, [list(range(2, 22))], SamplingConfig(max_new_tokens=2), truncate=True)
+    ids, _, _ = m.calls[0]
+    assert ids.tolist() == [[2, 17, 18, 19, 20, 21]]  # <bos>, then the last tokens: 6 + 2 new fit 8
+    assert res.prompt_lengths == [6] and res.tokens == [[22, 23]]
+    assert fit_context([[2, 3]], 8, 2) == [[2, 3]]  # a prompt that fits is untouched
 
 
 @pytest.mark.parametrize(
