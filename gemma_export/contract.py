@@ -2,7 +2,8 @@
 
 Owns the ONNX decoder's I/O names, dims and dtypes (`io_spec`), the two KV cache layouts,
 the optional `num_logits_to_keep` input, the names of the files in an artifact directory,
-the tied embedding's initializer name, and where the shipped evaluation corpus and the\nheld-out evaluation texts live.
+the tied embedding's initializer name, and where the shipped evaluation corpus and the
+held-out evaluation texts live.
 The exporter writes by these names, the rewrites and the runtime read by them, and the
 manifest carries `io_spec` so consumers need not import this module. No torch, no onnx:
 the runtime and the server import it.
