@@ -78,6 +78,14 @@ class Recipe:
     gptq_sequences: int = 16
     gptq_length: int = 128
     gptq_seed: int = 0
+    # Outlier input channels kept out of the int8 activation rounding
+    # (rewrites/outlier_channels.py): a channel whose peak |x|, over `outlier_sequences` x
+    # `outlier_length` tokens the fp32 model samples (seed `gptq_seed`), passes
+    # `outlier_ratio` times the median peak of its block of 32 is computed in fp32 beside
+    # the MatMulNBits. 0: none. Only matters at accuracy_level 4.
+    outlier_ratio: float = 0.0
+    outlier_sequences: int = 8
+    outlier_length: int = 128
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,6 +257,34 @@ def product_inputs(proto: onnx.ModelProto) -> dict[str, str]:
         if _kind(n, inits) == "matmul":
             m = re.match(r"model\.layers\.(\d+)\.", n.input[1])
             out.setdefault(n.input[0], m.group(1) if m else n.input[1])
+    return out
+
+
+def rounded_inputs(proto: onnx.ModelProto) -> list[str]:
+    """Every tensor a rewritten product reads (the decoder's products and the LM head),
+    in graph order: what the int8 activation rounding of MatMulNBits sees."""
+    inits = {i.name for i in proto.graph.initializer}
+    out = list(product_inputs(proto))
+    out += [n.input[0] for n in proto.graph.node if _kind(n, inits) == "lm_head" and n.input[0] not in out]
+    return out
+
+
+def product_table(proto: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """{MatMulNBits node: {"bits", "block_size", "accuracy_level", "outlier_channels"}} of a
+    finished graph: the manifest's record of how each product computes."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    out = {}
+    for n in proto.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in n.attribute}
+        keep = producers.get(n.input[0])
+        outliers = 0
+        if keep is not None and keep.name.endswith("/OutlierKeep"):
+            outliers = int((numpy_helper.to_array(inits[keep.input[1]]) == 0).sum())
+        out[n.name] = {"bits": a["bits"], "block_size": a["block_size"], "accuracy_level": a.get("accuracy_level", 0),
+                       "outlier_channels": outliers}
     return out
 
 

@@ -410,3 +410,25 @@ def test_real_fused_and_portable_graphs_are_one_model(real_artifact, tmp_path):
     assert fused.shared_cache and not portable.shared_cache
     got, ref = (onnx_teacher_forced(s, ids[:64], ids[64:]) for s in (fused, portable))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("precision", ["int8", "gguf"])
+def test_real_heldout_domains_meet_thresholds(real_quantized, precision):
+    """The held-out texts (no recipe is tuned on them: English prose, dialogue, Korean,
+    Japanese, Russian, code, numbers) each hold the parity table's top-1 and perplexity,
+    and the manifest says how every product computes."""
+    from gemma_export.contract import HELDOUT_DOMAINS, Precision
+    from gemma_export.exporter.precision import THRESHOLDS
+
+    out, res = real_quantized[precision]
+    th = THRESHOLDS[Precision(precision)]
+    heldout = res["parity"]["heldout"]
+    assert set(heldout) == set(HELDOUT_DOMAINS)
+    missed = {d: (round(r["top1"], 4), round(r["perplexity_increase"], 4)) for d, r in heldout.items()
+              if r["top1"] < th.top1_agreement or r["perplexity_increase"] > th.perplexity_increase}
+    assert not missed, missed
+    products = json.loads((out / "manifest.json").read_text())["quantized"]["products"]
+    assert len(products) == 18 * 4 + 1  # packed q/k/v, o, packed gate/up, down per layer; the head
+    assert {p["accuracy_level"] for p in products.values()} == {4}
+    assert sum(p["outlier_channels"] > 0 for p in products.values()) > 0

@@ -49,36 +49,48 @@ def node_columns(g: Graph, node: onnx.NodeProto, channels: np.ndarray) -> np.nda
     return np.ascontiguousarray(cols, dtype=np.float32)
 
 
-def split_outlier_channels(g: Graph, channels: dict[str, np.ndarray]) -> int:
-    """Rewrite each MatMulNBits whose input is a key of `channels` (see the module doc)."""
-    done = 0
-    for node in [n for n in g.g.node if n.op_type == "MatMulNBits" and n.input[0] in channels]:
-        idx = np.asarray(sorted(channels[node.input[0]]), np.int64)
-        if idx.size == 0:
-            continue
-        k = {x.name: x.i for x in node.attribute}["K"]
-        a, y = node.input[0], node.output[0]
-        base = node.name.rsplit("/", 1)[0] + "/OutlierChannels"
-        prefix = node.input[1].rsplit(".", 1)[0] + ".outlier"
+def split_outlier_channels(g: Graph, channels: dict[str, np.ndarray]) -> dict[str, int]:
+    """Rewrite each MatMulNBits whose input is a key of `channels` (see the module doc).
+    Products reading one input share its Mul and Gather, so projections that read the same
+    tensor still read the same tensor (pack_projections stacks them afterwards). Returns
+    {node name: channels taken out} for the nodes rewritten."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.g.node:
+        if n.op_type == "MatMulNBits" and len(channels.get(n.input[0], ())) > 0:
+            readers.setdefault(n.input[0], []).append(n)
+    done: dict[str, int] = {}
+    before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to put in front of it
+    after: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to put right behind it
+    for a, nodes in readers.items():
+        idx = np.asarray(sorted(channels[a]), np.int64)
+        k = {x.name: x.i for x in nodes[0].attribute}["K"]
         keep = np.ones(k, np.float32)
         keep[idx] = 0.0
-        names = {t: add_initializer(g, numpy_helper.from_array(v, f"{prefix}.{t}")) for t, v in (
-            ("keep", keep), ("channels", idx), ("columns", node_columns(g, node, idx)))}
-        kept, part, wide = f"{y}/kept_input", f"{y}/outlier_input", f"{y}/outlier_part"
-        inner = f"{y}/rounded_part"
-        new = [
-            helper.make_node("Mul", [a, names["keep"]], [kept], name=f"{base}/Keep"),
-            helper.make_node("Gather", [a, names["channels"]], [part], name=f"{base}/Gather", axis=-1),
-            helper.make_node("MatMul", [part, names["columns"]], [wide], name=f"{base}/MatMul"),
+        tag = a.strip("/").replace("/", ".")
+        kept, part = f"{a}/outlier_kept", f"{a}/outlier_channels"
+        base = nodes[0].name.rsplit("/", 1)[0]
+        before[id(nodes[0])] = [
+            helper.make_node("Mul", [a, add_initializer(g, numpy_helper.from_array(keep, f"{tag}.outlier_keep"))],
+                             [kept], name=f"{base}/OutlierKeep"),
+            helper.make_node("Gather", [a, add_initializer(g, numpy_helper.from_array(idx, f"{tag}.outlier_index"))],
+                             [part], name=f"{base}/OutlierGather", axis=-1),
         ]
-        node.input[0] = kept
-        node.output[0] = inner
-        add = helper.make_node("Add", [inner, wide], [y], name=f"{base}/Add")
-        g.replace([], new, at=node)
-        nodes = list(g.g.node)
-        nodes.insert(nodes.index(node) + 1, add)
-        del g.g.node[:]
-        g.g.node.extend(nodes)
-        g.refresh()
-        done += 1
+        for node in nodes:
+            y = node.output[0]
+            cols = add_initializer(g, numpy_helper.from_array(
+                node_columns(g, node, idx), node.input[1].rsplit(".", 1)[0] + ".outlier_columns"))
+            name = node.name.rsplit("/", 1)[0]
+            node.input[0], node.output[0] = kept, f"{y}/rounded_part"
+            after[id(node)] = [
+                helper.make_node("MatMul", [part, cols], [f"{y}/outlier_part"], name=f"{name}/OutlierMatMul"),
+                helper.make_node("Add", [f"{y}/rounded_part", f"{y}/outlier_part"], [y], name=f"{name}/OutlierAdd"),
+            ]
+            done[node.name] = int(idx.size)
+    # One rebuild at the end: the node objects held above belong to the list being rebuilt.
+    out = []
+    for n in g.g.node:
+        out += [*before.get(id(n), []), n, *after.get(id(n), [])]
+    del g.g.node[:]
+    g.g.node.extend(out)
+    g.refresh()
     return done
