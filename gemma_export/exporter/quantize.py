@@ -11,6 +11,8 @@ Recipes (each records itself and its parameters in the manifest):
          text the model samples), round to nearest for the tied embedding / LM head.
          Asymmetric and GPTQ because each keeps more corpus top-1 agreement on Gemma 3
          270M (measured in docs/design.md).
+  int8 and gguf take their products' outlier input channels out of the int8 activation
+         rounding (rewrites/outlier_channels.py, chosen on text the model samples).
   gguf   the blocks a GGUF source already holds (Q8_0, Q5_0, Q6_K, Q4_K), carried into
          MatMulNBits / GatherBlockQuantized without a second rounding: the artifact
          computes what the GGUF computes. Re-rounding already-quantized weights onto
@@ -92,9 +94,11 @@ class Recipe:
 
 
 RECIPES = {
-    "int8": Recipe("int8", bits=8, block_size=32, symmetric=True, accuracy_level=4),
+    # int8 / gguf: outlier channels beyond 4x their block's median peak computed in fp32
+    # (measured on the held-out texts, docs/design.md); int4's miss is its weights.
+    "int8": Recipe("int8", bits=8, block_size=32, symmetric=True, accuracy_level=4, outlier_ratio=4.0),
     "int4": Recipe("int4", bits=4, block_size=32, symmetric=False, accuracy_level=4, gptq=True),
-    "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4),
+    "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4, outlier_ratio=4.0),
 }
 
 

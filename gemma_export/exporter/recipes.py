@@ -174,12 +174,15 @@ class IntegerRecipe(_WithParams):
 
     params: Recipe
 
+    def _splits_outliers(self) -> bool:
+        return self.params.outlier_ratio > 0 and self.params.accuracy_level == 4  # else nothing is rounded
+
     def apply(self, job: Job) -> Made:
         import onnx
 
         proto = _load(job.fp32_model)
         moments = _gptq_moments(job, proto, self.params) if self.params.gptq else None
-        outliers = _outlier_channels(job, proto, self.params) if self.params.outlier_ratio else {}
+        outliers = _outlier_channels(job, proto, self.params) if self._splits_outliers() else {}
         summary = quantize_graph(proto, self.params, job.gguf_path, job.progress, moments)
         if outliers:
             from gemma_export.exporter.rewrites import Graph
