@@ -2,7 +2,8 @@
 
 Owns the ONNX decoder's I/O names, dims and dtypes (`io_spec`), the two KV cache layouts,
 the optional `num_logits_to_keep` input, the names of the files in an artifact directory,
-the tied embedding's initializer name, and where the shipped evaluation corpus lives.
+the tied embedding's initializer name, and where the shipped evaluation corpus and the
+held-out evaluation texts live.
 The exporter writes by these names, the rewrites and the runtime read by them, and the
 manifest carries `io_spec` so consumers need not import this module. No torch, no onnx:
 the runtime and the server import it.
@@ -103,6 +104,14 @@ PLE_WEIGHT = "model.embed_tokens_per_layer.weight"
 # Real redistributable text for perplexity and benchmarks (sources: EVAL_CORPUS_SOURCES.md
 # beside it); shipped as package data so the torch-free runtime can read it too.
 CORPUS = Path(__file__).resolve().parent / "exporter" / "data" / "eval_corpus.txt"
+# Held-out evaluation text, one file per domain (sources: SOURCES.md there): never used to
+# calibrate or tune a recipe, reported by `verify` per domain beside the corpus.
+HELDOUT_DIR = CORPUS.parent / "heldout"
+HELDOUT_DOMAINS = ("english", "dialogue", "korean", "japanese", "russian", "code", "math")
+
+
+def heldout_text(domain: str) -> str:
+    return (HELDOUT_DIR / f"{domain}.txt").read_text(encoding="utf-8")
 
 
 class ShapeConfig(Protocol):

@@ -39,6 +39,9 @@ class ParityReport:
     steps: int
     seconds: float
     model: str = ""  # the PyTorch model compared with (its description, e.g. "preset:tiny-gemma1")
+    # Per held-out domain: {"tokens", "top1", "perplexity_fp32", "perplexity",
+    # "perplexity_increase", "mean_kl"} (empty without a tokenizer).
+    heldout: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def metric(self, name: str) -> Metric:
         """The metric called `name`, or whose name starts with `name` followed by " (" (the
@@ -63,7 +66,9 @@ class ParityReport:
                 metrics.append(metric)
             report = cls(precision=str(raw["precision"]), passed=bool(raw["passed"]), metrics=metrics,
                          prompts=[int(n) for n in raw["prompts"]], steps=int(raw["steps"]),
-                         seconds=float(raw["seconds"]), model=str(raw.get("model", "")))
+                         seconds=float(raw["seconds"]), model=str(raw.get("model", "")),
+                         heldout={str(d): {str(k): float(v) for k, v in r.items()}
+                                  for d, r in (raw.get("heldout") or {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{where}: not a parity report ({e})") from None
         if report.passed != all(m.passed for m in metrics):

@@ -4,6 +4,9 @@
     sample_tokens(model_path, bos_id=...)     text the model samples (seeded)
     InputMoments(model_path, ids, groups)     sum x x^T of each product's input over that
                                               text, one group (layer) at a time
+    channel_peaks(model_path, ids, tensors)   max |x| per channel of each product's input
+    outlier_channels(peaks, block_size)       the channels that set their block's int8 scale
+                                              far above the block's other channels
 
 The integer recipes' GPTQ pass needs the second moments of every product's input. They
 come from text the model samples from its own distribution (temperature 1, seeded), never
@@ -150,6 +153,32 @@ class InputMoments:
                  "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy(),
                  "num_logits_to_keep": np.array(1, np.int64), **empty_past(self.sess, len(ids))}
         return run_fed(self.sess, names, feeds)
+
+
+def channel_peaks(model_path: Path, ids: np.ndarray, tensors: list[str], batch: int = 4) -> dict[str, np.ndarray]:
+    """{tensor: max |x| per channel [K]} over every position of `ids` (whole sequences
+    through the fp32 graph, the LM head on the last position only)."""
+    sess = fp32_session(model_path, tensors)
+    peaks: dict[str, np.ndarray] = {}
+    for b0 in range(0, len(ids), batch):
+        x_ids = ids[b0:b0 + batch]
+        feeds = {"input_ids": x_ids, "attention_mask": np.ones_like(x_ids),
+                 "position_ids": np.broadcast_to(np.arange(x_ids.shape[1], dtype=np.int64), x_ids.shape).copy(),
+                 "num_logits_to_keep": np.array(1, np.int64), **empty_past(sess, len(x_ids))}
+        for name, x in zip(tensors, run_fed(sess, tensors, feeds)):
+            m = np.abs(x.reshape(-1, x.shape[-1])).max(0)
+            peaks[name] = m if name not in peaks else np.maximum(peaks[name], m)
+    return peaks
+
+
+def outlier_channels(peaks: np.ndarray, block_size: int, ratio: float) -> np.ndarray:
+    """Channels whose peak is more than `ratio` times the median peak of their block of
+    `block_size` channels (MatMulNBits' int8 activation blocks): the ones that coarsen
+    their neighbours' rounding. Sorted channel indices."""
+    k = peaks.size - peaks.size % block_size
+    blocks = peaks[:k].reshape(-1, block_size)
+    med = np.median(blocks, axis=1, keepdims=True)
+    return np.flatnonzero((blocks > ratio * np.maximum(med, 1e-12)).reshape(-1))
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -287,6 +287,7 @@ def _verify(d: Path, manifest: Manifest, ckpt: Checkpoint, steps: int, progress:
     manifest.parity = {
         "passed": report.passed,
         "metrics": {m.name: {"measured": m.measured, "threshold": m.threshold, "op": m.op} for m in report.metrics},
+        "heldout": report.heldout,
     }
     manifest.write(d)
     return report

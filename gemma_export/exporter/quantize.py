@@ -11,6 +11,8 @@ Recipes (each records itself and its parameters in the manifest):
          text the model samples), round to nearest for the tied embedding / LM head.
          Asymmetric and GPTQ because each keeps more corpus top-1 agreement on Gemma 3
          270M (measured in docs/design.md).
+  int8 and gguf take their products' outlier input channels out of the int8 activation
+         rounding (rewrites/outlier_channels.py, chosen on text the model samples).
   gguf   the blocks a GGUF source already holds (Q8_0, Q5_0, Q6_K, Q4_K), carried into
          MatMulNBits / GatherBlockQuantized without a second rounding: the artifact
          computes what the GGUF computes. Re-rounding already-quantized weights onto
@@ -78,15 +80,25 @@ class Recipe:
     gptq_sequences: int = 16
     gptq_length: int = 128
     gptq_seed: int = 0
+    # Outlier input channels kept out of the int8 activation rounding
+    # (rewrites/outlier_channels.py): a channel whose peak |x|, over `outlier_sequences` x
+    # `outlier_length` tokens the fp32 model samples (seed `gptq_seed`), passes
+    # `outlier_ratio` times the median peak of its block of 32 is computed in fp32 beside
+    # the MatMulNBits. 0: none. Only matters at accuracy_level 4.
+    outlier_ratio: float = 0.0
+    outlier_sequences: int = 8
+    outlier_length: int = 128
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 RECIPES = {
-    "int8": Recipe("int8", bits=8, block_size=32, symmetric=True, accuracy_level=4),
+    # int8 / gguf: outlier channels beyond 4x their block's median peak computed in fp32
+    # (measured on the held-out texts, docs/design.md); int4's miss is its weights.
+    "int8": Recipe("int8", bits=8, block_size=32, symmetric=True, accuracy_level=4, outlier_ratio=4.0),
     "int4": Recipe("int4", bits=4, block_size=32, symmetric=False, accuracy_level=4, gptq=True),
-    "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4),
+    "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4, outlier_ratio=4.0),
 }
 
 
@@ -257,6 +269,34 @@ def product_inputs(proto: onnx.ModelProto) -> dict[str, str]:
         if _kind(n, inits) == "matmul":
             m = re.match(r"model\.layers\.(\d+)\.", n.input[1])
             out.setdefault(n.input[0], m.group(1) if m else n.input[1])
+    return out
+
+
+def rounded_inputs(proto: onnx.ModelProto) -> list[str]:
+    """Every tensor a rewritten product reads (the decoder's products and the LM head),
+    in graph order: what the int8 activation rounding of MatMulNBits sees."""
+    inits = {i.name for i in proto.graph.initializer}
+    out = list(product_inputs(proto))
+    out += [n.input[0] for n in proto.graph.node if _kind(n, inits) == "lm_head" and n.input[0] not in out]
+    return out
+
+
+def product_table(proto: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """{MatMulNBits node: {"bits", "block_size", "accuracy_level", "outlier_channels"}} of a
+    finished graph: the manifest's record of how each product computes."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    out = {}
+    for n in proto.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in n.attribute}
+        keep = producers.get(n.input[0])
+        outliers = 0
+        if keep is not None and keep.name.endswith("/OutlierKeep"):
+            outliers = int((numpy_helper.to_array(inits[keep.input[1]]) == 0).sum())
+        out[n.name] = {"bits": a["bits"], "block_size": a["block_size"], "accuracy_level": a.get("accuracy_level", 0),
+                       "outlier_channels": outliers}
     return out
 
 

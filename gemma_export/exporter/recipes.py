@@ -27,7 +27,9 @@ from gemma_export.contract import (
 from gemma_export.errors import ArtifactError, UsageError
 from gemma_export.exporter import narrow
 from gemma_export.exporter.optimize import SMALL, Optimized, fill_from, optimize_graph
-from gemma_export.exporter.quantize import RECIPES, Recipe, product_inputs, quantize_graph
+from gemma_export.exporter.quantize import (
+    RECIPES, Recipe, product_inputs, product_table, quantize_graph, rounded_inputs,
+)
 from gemma_export.progress import Progress
 
 # What the integer recipes leave in fp32 (the manifest's kept_fp32), in words.
@@ -172,13 +174,23 @@ class IntegerRecipe(_WithParams):
 
     params: Recipe
 
+    def _splits_outliers(self) -> bool:
+        return self.params.outlier_ratio > 0 and self.params.accuracy_level == 4  # else nothing is rounded
+
     def apply(self, job: Job) -> Made:
         import onnx
 
         proto = _load(job.fp32_model)
         moments = _gptq_moments(job, proto, self.params) if self.params.gptq else None
+        outliers = _outlier_channels(job, proto, self.params) if self._splits_outliers() else {}
         summary = quantize_graph(proto, self.params, job.gguf_path, job.progress, moments)
+        if outliers:
+            from gemma_export.exporter.rewrites import Graph
+            from gemma_export.exporter.rewrites.outlier_channels import split_outlier_channels
+
+            split_outlier_channels(Graph(proto), outliers)
         optimized = optimize_graph(proto, cfg=job.cfg) if job.optimize else Optimized()
+        summary["products"] = product_table(proto)
         _save(proto, job.dst)
         fields: dict[str, Any] = {}
         if optimized.shared_cache:
@@ -220,6 +232,20 @@ def _gptq_moments(job: Job, proto, recipe: Recipe):
         ids = sample_tokens(job.fp32_model, bos_id=job.cfg.bos_token_id, sequences=recipe.gptq_sequences,
                             length=length, seed=recipe.gptq_seed, progress=job.progress)
     return InputMoments(job.fp32_model, ids, product_inputs(proto))
+
+
+def _outlier_channels(job: Job, proto, recipe: Recipe) -> dict:
+    """{product input: its outlier channels}, from peaks over text the fp32 graph samples
+    (never the evaluation text)."""
+    from gemma_export.exporter.calibrate import channel_peaks, outlier_channels, sample_tokens
+
+    length = min(recipe.outlier_length, job.cfg.max_position_embeddings)
+    with job.progress.stage("sampling calibration text for outlier channels"):
+        ids = sample_tokens(job.fp32_model, bos_id=job.cfg.bos_token_id, sequences=recipe.outlier_sequences,
+                            length=length, seed=recipe.gptq_seed, progress=job.progress)
+    with job.progress.stage("measuring channel peaks"):
+        peaks = channel_peaks(job.fp32_model, ids, rounded_inputs(proto))
+    return {name: outlier_channels(p, 32, recipe.outlier_ratio) for name, p in peaks.items()}
 
 
 # -- from what the user asked ------------------------------------------------------------------------

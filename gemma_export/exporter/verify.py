@@ -8,6 +8,9 @@ For each fixed prompt:
      reference token (all equal <=> the greedy texts are identical);
   3. ONNX one full forward over prompt + tokens vs its own prefill+decode;
 and once for all prompts left-padded into one ragged batch vs each prompt alone.
+With a tokenizer, then: perplexity and top-1 agreement over the shipped corpus, and per
+held-out domain (contract.HELDOUT_DOMAINS, text no recipe is tuned on) top-1 agreement,
+perplexity change and mean KL divergence from the fp32 model, all teacher-forced on the text.
 Every metric is reported beside its threshold from precision.THRESHOLDS. The report itself
 (Metric, ParityReport, the printed table) is gemma_export/parity.py, readable without torch.
 """
@@ -15,12 +18,13 @@ Every metric is reported beside its threshold from precision.THRESHOLDS. The rep
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 import weakref
 
 import numpy as np
 import torch
 
-from gemma_export.contract import CORPUS
+from gemma_export.contract import CORPUS, HELDOUT_DOMAINS, heldout_text
 from gemma_export.exporter.precision import THRESHOLDS
 from gemma_export.models.gemma import GemmaForCausalLM
 from gemma_export.parity import Metric, ParityReport
@@ -39,6 +43,11 @@ BATCH_STEPS = 8  # decode steps checked for the ragged batch
 
 
 PPL_CHUNK = 256  # tokens per perplexity window (each starts with <bos>)
+# KL from fp32 is summed over the reference's KL_TOP most likely tokens plus one bucket for
+# the rest of the vocabulary, so the reference kept across precisions is [T, KL_TOP] and not
+# [T, 262144] per window. Merging outcomes can only lower KL (log-sum inequality): a lower
+# bound, exact when the rest's mass is zero.
+KL_TOP = 1024
 
 
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,9 +81,86 @@ def _cached(model: GemmaForCausalLM, key: tuple, fn):
 
 def corpus_chunks(encode, bos_id: int, chunk: int = PPL_CHUNK) -> list[list[int]]:
     """The evaluation corpus as windows of `chunk` tokens, each starting with <bos>."""
-    ids = encode(CORPUS.read_text(encoding="utf-8"), add_bos=False)
+    return _windows(encode(CORPUS.read_text(encoding="utf-8"), add_bos=False), bos_id, chunk)
+
+
+def heldout_chunks(encode, bos_id: int, chunk: int = PPL_CHUNK) -> dict[str, list[list[int]]]:
+    """Each held-out domain's text as windows of `chunk` tokens, each starting with <bos>."""
+    return {d: _windows(encode(heldout_text(d), add_bos=False), bos_id, chunk) for d in HELDOUT_DOMAINS}
+
+
+def _windows(ids: list[int], bos_id: int, chunk: int) -> list[list[int]]:
     body = chunk - 1
     return [[bos_id] + ids[i : i + body] for i in range(0, len(ids) - 1, body) if len(ids[i : i + body]) > 1]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[T, V] fp32 -> log-probabilities, the normaliser summed in float64."""
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class WindowReference:
+    """What the fp32 model says about one window, kept small enough to reuse across
+    precisions: next-token NLL, its argmax, and its KL_TOP most likely tokens."""
+
+    nll: np.ndarray  # [T - 1] float64: -log p(next token)
+    top1: np.ndarray  # [T - 1]
+    top_ids: np.ndarray  # [T - 1, KL_TOP] int32
+    top_logp: np.ndarray  # [T - 1, KL_TOP] float32
+
+    @classmethod
+    def of(cls, logits: np.ndarray, ids: list[int], keep: int = KL_TOP) -> WindowReference:
+        logp = _log_softmax(logits[:-1])
+        keep = min(keep, logp.shape[-1])
+        top = np.argpartition(logp, -keep, axis=-1)[:, -keep:].astype(np.int32)
+        return cls(nll=_picked_nll(logp, ids), top1=logp.argmax(-1), top_ids=top,
+                   top_logp=np.take_along_axis(logp, top, -1))
+
+
+def _picked_nll(logp: np.ndarray, ids: list[int]) -> np.ndarray:
+    return -logp[np.arange(len(ids) - 1), ids[1:]].astype(np.float64)
+
+
+def window_kl(ref: WindowReference, logits: np.ndarray, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(NLL [T - 1], argmax [T - 1], KL(fp32 || this) [T - 1]) for one window's logits [T, V]."""
+    logp = _log_softmax(logits[:-1])
+    q = np.take_along_axis(logp, ref.top_ids, -1).astype(np.float64)
+    p = ref.top_logp.astype(np.float64)
+    top = (np.exp(p) * (p - q)).sum(-1)
+    rest_p = np.clip(1.0 - np.exp(p).sum(-1), 0.0, 1.0)
+    rest_q = np.clip(1.0 - np.exp(q).sum(-1), 1e-30, 1.0)
+    rest = np.where(rest_p > 0, rest_p * (np.log(np.maximum(rest_p, 1e-30)) - np.log(rest_q)), 0.0)
+    return _picked_nll(logp, ids), logp.argmax(-1), top + rest
+
+
+@torch.no_grad()
+def torch_references(model: GemmaForCausalLM, chunks: list[list[int]]) -> list[WindowReference]:
+    out = []
+    for c in chunks:
+        ids = torch.tensor([c])
+        logits, _ = model(ids, torch.ones_like(ids), torch.arange(len(c))[None], model.empty_cache(1))
+        out.append(WindowReference.of(logits[0].numpy(), c))
+    return out
+
+
+def heldout_domain(sess: DecoderSession, refs: list[WindowReference], chunks: list[list[int]]) -> dict[str, float]:
+    """Teacher-forced over one domain's windows: top-1 agreement, perplexity against fp32's,
+    mean KL from fp32 (per predicted token)."""
+    nll_ref, nll, agree, kl = [], [], [], []
+    for ref, c in zip(refs, chunks):
+        ids = np.array([c], np.int64)
+        logits, _ = sess.forward(ids, np.ones_like(ids), np.arange(len(c))[None], sess.new_cache(1))
+        n, top1, k = window_kl(ref, logits[0], c)
+        nll_ref.append(ref.nll)
+        nll.append(n)
+        agree.append(top1 == ref.top1)
+        kl.append(k)
+    ppl_ref, ppl = (float(np.exp(np.concatenate(x).mean())) for x in (nll_ref, nll))
+    return {"tokens": int(sum(len(c) - 1 for c in chunks)), "top1": float(np.concatenate(agree).mean()),
+            "perplexity_fp32": ppl_ref, "perplexity": ppl, "perplexity_increase": ppl / ppl_ref - 1.0,
+            "mean_kl": float(np.concatenate(kl).mean())}
 
 
 def _nll_and_top1(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarray]:
@@ -215,6 +301,7 @@ def verify_artifact(
 
     metrics = []
     ppl_rows: list[Metric] = []
+    heldout: dict[str, dict[str, float]] = {}
     if corpus_encode is not None:
         progress.count("perplexity", 0, 1)
         chunks = corpus_chunks(corpus_encode, int(sess.config["bos_token_id"]))
@@ -235,6 +322,13 @@ def verify_artifact(
             ),
             Metric(f"corpus top-1 agreement ({n_tok} tokens)", agree_c, th.top1_agreement, ">="),
         ]
+        heldout = {}
+        for i, (domain, dchunks) in enumerate(heldout_chunks(corpus_encode, int(sess.config["bos_token_id"])).items()):
+            progress.count("held-out domains", i, len(HELDOUT_DOMAINS))
+            refs = _cached(model, ("heldout", tuple(map(tuple, dchunks))), lambda c=dchunks: torch_references(model, c))
+            heldout[domain] = heldout_domain(sess, refs, dchunks)
+        progress.count("held-out domains", len(HELDOUT_DOMAINS), len(HELDOUT_DOMAINS))
+        ppl_rows += heldout_metrics(heldout, th)
     if th.max_abs_diff is not None:
         metrics.append(Metric("logits max abs diff", max_abs, th.max_abs_diff, "<="))
     if th.rel_l2 is not None:
@@ -253,7 +347,22 @@ def verify_artifact(
         prompts=lens,
         steps=steps,
         seconds=round(time.perf_counter() - t0, 2),
+        heldout=heldout,
     )
+
+
+def heldout_metrics(heldout: dict[str, dict[str, float]], th) -> list[Metric]:
+    """Each held-out domain judged like the corpus: top-1 and perplexity by the parity
+    table, KL reported."""
+    rows = []
+    for d, r in heldout.items():
+        rows += [
+            Metric(f"held-out {d} top-1 agreement ({r['tokens']} tokens)", r["top1"], th.top1_agreement, ">="),
+            Metric(f"held-out {d} perplexity increase", r["perplexity_increase"], th.perplexity_increase,
+                   "<=" if th.perplexity_increase is not None else "info"),
+            Metric(f"held-out {d} mean KL from fp32", r["mean_kl"], None, "info"),
+        ]
+    return rows
 
 
 def _consistency(name: str, rel: float, top1: float, th) -> list[Metric]:

@@ -308,6 +308,27 @@ BF16_MISS = (
 )
 
 
+# Held-out domains a recipe misses, measured (docs/design.md, "Outlier channels"); each is
+# a strict xfail below, and the recipe's other rows must all pass.
+HELDOUT_MISSES = {
+    ("int8", "russian"): (
+        "Known miss, measured: int8 (RTN weights, outlier channels at ratio 4) keeps 93.5% top-1 on the "
+        "479-token Russian held-out text (KL from fp32 0.0051; 93.7% / 0.0077 before the outlier channels), "
+        "under the 95% of docs/design.md; the other six domains 95.8-97.9%. strict: update when it passes."
+    ),
+    ("gguf", "russian"): (
+        "Known miss, measured: gguf (the file's blocks, outlier channels at ratio 4) keeps 93.9% top-1 on the "
+        "479-token Russian held-out text (KL 0.0032; 93.1% / 0.0057 before), under 95%; the other six "
+        "domains 97.0-98.5%. Its weights are the reference's: what is left is MatMulNBits' int8 "
+        "activations. strict: update when it passes."
+    ),
+}
+
+
+def _known_misses(precision: str) -> set[str]:
+    return {d for p, d in HELDOUT_MISSES if p == precision}
+
+
 @pytest.mark.real
 @pytest.mark.parametrize(
     "precision",
@@ -315,8 +336,48 @@ BF16_MISS = (
      pytest.param("int4", marks=pytest.mark.xfail(strict=True, reason=INT4_MISS)), "gguf"],
 )
 def test_real_recipes_meet_thresholds(real_quantized, precision):
+    """Every row of the parity report passes, but the held-out domains listed in
+    HELDOUT_MISSES (tested on their own, strict xfail)."""
     out, res = real_quantized[precision]
-    assert res["parity"]["passed"], res["parity_table"]
+    known = tuple(f"held-out {d} " for d in _known_misses(precision))
+    missed = [m["name"] for m in res["parity"]["metrics"] if not m["passed"] and not m["name"].startswith(known)]
+    assert not missed, res["parity_table"]
+
+
+def _heldout_cases():
+    from gemma_export.contract import HELDOUT_DOMAINS
+
+    for p in ("int8", "gguf"):
+        for d in HELDOUT_DOMAINS:
+            reason = HELDOUT_MISSES.get((p, d))
+            yield pytest.param(p, d, marks=[pytest.mark.xfail(strict=True, reason=reason)] if reason else [])
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(("precision", "domain"), list(_heldout_cases()))
+def test_real_heldout_domain_meets_thresholds(real_quantized, precision, domain):
+    """Text no recipe is tuned on (English prose, dialogue, Korean, Japanese, Russian, code,
+    numbers): top-1 and perplexity by the parity table's int8 / gguf rows."""
+    from gemma_export.contract import Precision
+    from gemma_export.exporter.precision import THRESHOLDS
+
+    out, res = real_quantized[precision]
+    th = THRESHOLDS[Precision(precision)]
+    r = res["parity"]["heldout"][domain]
+    assert r["top1"] >= th.top1_agreement and r["perplexity_increase"] <= th.perplexity_increase, r
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("precision", ["int8", "gguf"])
+def test_real_manifest_records_every_product(real_quantized, precision):
+    """The manifest says how every product computes: all at accuracy_level 4, most with
+    outlier channels in fp32 beside them, the LM head among them."""
+    out, res = real_quantized[precision]
+    products = json.loads((out / "manifest.json").read_text())["quantized"]["products"]
+    assert "/lm_head/MatMulNBits" in products and len(products) >= 18 * 4 + 1  # 4+ per layer, the head
+    assert {p["accuracy_level"] for p in products.values()} == {4}
+    assert products["/lm_head/MatMulNBits"]["outlier_channels"] > 0
+    assert sum(p["outlier_channels"] > 0 for p in products.values()) > len(products) // 2
 
 
 @pytest.mark.real
@@ -411,3 +472,5 @@ def test_real_fused_and_portable_graphs_are_one_model(real_artifact, tmp_path):
     assert fused.shared_cache and not portable.shared_cache
     got, ref = (onnx_teacher_forced(s, ids[:64], ids[64:]) for s in (fused, portable))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-5
+
+
