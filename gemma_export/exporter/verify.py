@@ -18,8 +18,8 @@ Every metric is reported beside its threshold from precision.THRESHOLDS. The rep
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
