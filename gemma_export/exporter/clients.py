@@ -52,6 +52,8 @@ TFJS_DTYPES: dict[Precision, tuple[str, str]] = {
 
 # The manifest's `clients` keys (runtime/inspect.CLIENTS lists them in order).
 GENAI, OPTIMUM, TFJS = "onnxruntime-genai", "optimum", "transformers.js"
+# genai's model types per Gemma family: gemma, gemma2, gemma3_text (the decoder-only Gemma 3).
+GENAI_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
 
 
 def genai_config(cfg, *, graph_file: str, shared_cache: bool, max_length: int) -> dict[str, Any]:
@@ -84,8 +86,7 @@ def genai_config(cfg, *, graph_file: str, shared_cache: bool, max_length: int) -
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": cfg.pad_token_id,
-            # genai's model types: gemma, gemma2, gemma3_text (the decoder-only Gemma 3).
-            "type": {1: "gemma", 2: "gemma2", 3: "gemma3_text"}[cfg.family],
+            "type": GENAI_TYPES[cfg.family],
             "vocab_size": cfg.vocab_size,
         },
         "search": {
@@ -169,9 +170,13 @@ def write_client_files(d: Path, cfg, *, precision: Precision, kv_cache: KVLayout
 
     shared = kv_cache == KVLayout.SHARED
     genai_graph = model_file if shared else (cpu_model_file or model_file)
-    write_json(d / GENAI_CONFIG_FILE, genai_config(cfg, graph_file=genai_graph, shared_cache=shared,
-                                                   max_length=max_length))
-    clients = {GENAI: {"config": GENAI_CONFIG_FILE, "graph": genai_graph}}
+    clients = {}
+    # genai's model types stop at Gemma 3, and its config has one cache per layer (Gemma 4's
+    # KV-shared layers have none): no genai_config.json for Gemma 4.
+    if cfg.family in GENAI_TYPES:
+        write_json(d / GENAI_CONFIG_FILE, genai_config(cfg, graph_file=genai_graph, shared_cache=shared,
+                                                       max_length=max_length))
+        clients[GENAI] = {"config": GENAI_CONFIG_FILE, "graph": genai_graph}
     concat_graph = portable_model_file if shared else (cpu_model_file or model_file)
     tfjs = write_tfjs_layout(d, precision, concat_graph, data_file)
     if tfjs is None:
