@@ -98,7 +98,8 @@ def format_inspect(info: dict[str, Any]) -> str:
     lines.append(f"  opens in    {', '.join(k for k, v in info['opens_in'].items() if v and k not in CLIENTS)}")
     for client in CLIENTS:
         files = info["clients"].get(client)
-        lines.append(f"    {client:<18} " + (_client_line(files) if files else "no (exported before client files)"))
+        why = "no (not written for this model family)" if info["clients"] else "no (exported before client files)"
+        lines.append(f"    {client:<18} " + (_client_line(files) if files else why))
     return "\n".join(lines)
 
 
