@@ -101,7 +101,7 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k: Tensor, past_v: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         B, S, _ = x.shape
-        kv, g, d = self.n_kv, self.n_heads // self.n_kv, self.head_dim
+        kv, d = self.n_kv, self.head_dim
         q = self.q_proj(x).view(B, S, self.n_heads, d).transpose(1, 2)  # (B, H, S, D)
         k = self.k_proj(x).view(B, S, kv, d).transpose(1, 2)  # (B, KV, S, D)
         v = self.v_proj(x).view(B, S, kv, d).transpose(1, 2)  # (B, KV, S, D)
@@ -111,17 +111,25 @@ class Attention(nn.Module):
         k = torch.cat((past_k, k), dim=2)  # (B, KV, T, D)
         v = torch.cat((past_v, v), dim=2)
 
-        # Grouped heads without copying the cache: query head h uses kv head h // g, so
-        # fold the g query heads of each kv head into the row dim of one matmul.
-        qg = q.reshape(B, kv, g * S, d)  # (B, KV, G*S, D)
-        scores = torch.matmul(qg * self.scale, k.transpose(2, 3)).float()  # (B, KV, G*S, T)
-        if self.softcap is not None:  # Gemma 2: tanh soft-capping before the mask
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.view(B, kv, g, S, -1) + bias[:, :, None]  # bias (B, 1, 1, S, T)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, kv, g * S, -1)
-        out = torch.matmul(probs, v)  # (B, KV, G*S, D)
-        out = out.view(B, self.n_heads, S, d).transpose(1, 2).reshape(B, S, self.n_heads * d)
+        out = grouped_attention(q * self.scale, k, v, bias, self.softcap)
         return self.o_proj(out), k, v
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, softcap: float | None = None) -> Tensor:
+    """Attention of q (B, H, S, D), already scaled, over k / v (B, KV, T, D) -> (B, S, H*D).
+    Grouped heads without copying the cache: query head h uses kv head h // g, so the g query
+    heads of each kv head fold into the row dim of one matmul."""
+    B, H, S, d = q.shape
+    kv = k.shape[1]
+    g = H // kv
+    qg = q.reshape(B, kv, g * S, d)  # (B, KV, G*S, D)
+    scores = torch.matmul(qg, k.transpose(2, 3)).float()  # (B, KV, G*S, T)
+    if softcap is not None:  # Gemma 2: tanh soft-capping before the mask
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(B, kv, g, S, -1) + bias[:, :, None]  # bias (B, 1, 1, S, T)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, kv, g * S, -1)
+    out = torch.matmul(probs, v)  # (B, KV, G*S, D)
+    return out.view(B, H, S, d).transpose(1, 2).reshape(B, S, H * d)
 
 
 class DecoderLayer(nn.Module):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemma_export.models.config import GemmaConfig, LayerType
-from gemma_export.models.gemma import PastKeyValues, RMSNorm, apply_rope, attention_bias
+from gemma_export.models.gemma import PastKeyValues, RMSNorm, apply_rope, attention_bias, grouped_attention
 
 
 def rms(x: Tensor, eps: float) -> Tensor:
@@ -135,7 +135,7 @@ class Attention(nn.Module):
         """past_k / past_v: this layer's past, or for a KV-shared layer its source layer's
         complete present (returned unchanged)."""
         B, S, _ = x.shape
-        kv, g, d = self.n_kv, self.n_heads // self.n_kv, self.head_dim
+        kv, d = self.n_kv, self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, d)).transpose(1, 2)  # (B, H, S, D)
         q = apply_rope(q, cos, sin)
         if self.shares_kv:
@@ -147,15 +147,8 @@ class Attention(nn.Module):
             v = rms(v_raw, self.eps).transpose(1, 2)
             k = torch.cat((past_k, k), dim=2)  # (B, KV, T, D)
             v = torch.cat((past_v, v), dim=2)
-        # Grouped heads without copying the cache (models/gemma.py): fold the g query heads
-        # of each kv head into the row dim. Scaling is 1: q and k are RMS-normed.
-        qg = q.reshape(B, kv, g * S, d)  # (B, KV, G*S, D)
-        scores = torch.matmul(qg, k.transpose(2, 3)).float()  # (B, KV, G*S, T)
-        scores = scores.view(B, kv, g, S, -1) + bias[:, :, None]  # bias (B, 1, 1, S, T)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, kv, g * S, -1)
-        out = torch.matmul(probs, v)  # (B, KV, G*S, D)
-        out = out.view(B, self.n_heads, S, d).transpose(1, 2).reshape(B, S, self.n_heads * d)
-        return self.o_proj(out), k, v
+        # Scaling is 1: q and k are RMS-normed.
+        return self.o_proj(grouped_attention(q, k, v, bias)), k, v
 
 
 class DecoderLayer(nn.Module):
