@@ -111,18 +111,23 @@ class Attention(nn.Module):
         k = torch.cat((past_k, k), dim=2)  # (B, KV, T, D)
         v = torch.cat((past_v, v), dim=2)
 
-        out = grouped_attention(q * self.scale, k, v, bias, self.softcap)
+        out = grouped_attention(q, k, v, bias, self.scale, self.softcap)
         return self.o_proj(out), k, v
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, softcap: float | None = None) -> Tensor:
-    """Attention of q (B, H, S, D), already scaled, over k / v (B, KV, T, D) -> (B, S, H*D).
+def grouped_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float | None = None, softcap: float | None = None
+) -> Tensor:
+    """Attention of q (B, H, S, D) over k / v (B, KV, T, D) -> (B, S, H*D).
     Grouped heads without copying the cache: query head h uses kv head h // g, so the g query
-    heads of each kv head fold into the row dim of one matmul."""
+    heads of each kv head fold into the row dim of one matmul. The scale multiplies the folded
+    q (Reshape, then Mul): the attention rewrite matches that traced order."""
     B, H, S, d = q.shape
     kv = k.shape[1]
     g = H // kv
     qg = q.reshape(B, kv, g * S, d)  # (B, KV, G*S, D)
+    if scale is not None:
+        qg = qg * scale
     scores = torch.matmul(qg, k.transpose(2, 3)).float()  # (B, KV, G*S, T)
     if softcap is not None:  # Gemma 2: tanh soft-capping before the mask
         scores = torch.tanh(scores / softcap) * softcap

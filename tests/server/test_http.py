@@ -179,12 +179,17 @@ def test_streaming_chunks_arrive_before_the_end(tiny_fp32):
     try:
         times = []
         with httpx.stream("POST", s.url + "/v1/completions", timeout=30,
-                          json={"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True}) as r:
+                          json={"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True,
+                                "temperature": 0}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     times.append((time.monotonic(), line[6:]))
         assert times[-1][1] == "[DONE]"
-        assert len(times) >= 10
+        # A token that ends inside a UTF-8 character (the tiny vocabulary has byte tokens) sends
+        # no chunk of its own, so the count of chunks depends on the tokens drawn; what must hold
+        # is that text came in several chunks spread over the 20 steps, not all at the end.
+        texts = [json.loads(d)["choices"][0]["text"] for _, d in times[:-1]]
+        assert sum(1 for t in texts if t) >= 3
         assert times[-1][0] - times[0][0] > 0.3  # 20 steps of >= 30 ms: the first chunk came early
     finally:
         s.close()
