@@ -54,19 +54,14 @@ from pathlib import Path
 from harness.runner import (
     DEV_PY, HERE, REPO, Runner, StepFailed, _cpu_times, add_quiet_options, log, machine_line, one_line,
 )
-from harness.systems import BY_NAME, VENVS
+from harness.systems import BY_NAME, VENVS, llama_isa_flags
 
 from gemma_export.contract import CORPUS
 
 # llama-server from the llama.cpp that llama-cpp-python's sdist vendors: the same pin as
 # run_benchmarks.py's llamacpp venv, so both benchmarks measure one llama.cpp.
 LLAMA_CPP_PYTHON = next(r for r in VENVS["llamacpp"].requirements if r.startswith("llama-cpp-python=="))
-# Portable x86-64 with the AVX-512 kernels: GGML_NATIVE (-march=native) builds die with
-# SIGILL on this kind of Intel VM (the hypervisor reports ISA bits the compiler trusts).
-LLAMA_SERVER_CMAKE = (
-    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
-    "-DGGML_F16C=ON", "-DGGML_AVX512=ON", "-DCMAKE_BUILD_TYPE=Release",
-)
+LLAMA_SERVER_CMAKE = ("-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", *llama_isa_flags(), "-DCMAKE_BUILD_TYPE=Release")
 WARMUP_TOKENS = 8
 
 
