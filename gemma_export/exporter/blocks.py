@@ -37,6 +37,17 @@ class Blocks:
         w = (self.codes.astype(np.float32) - self.zero_points.astype(np.float32)[..., None]) * self.scales[..., None]
         return w.reshape(self.codes.shape[0], -1)
 
+    def split(self, bs: int) -> Blocks:
+        """The same weights in blocks of `bs` (a divisor of the block size): codes as they are
+        (the packed bytes do not change), each scale and zero point repeated."""
+        n, kb, old = self.codes.shape
+        if bs >= old:
+            return self
+        assert old % bs == 0, (old, bs)
+        f = old // bs
+        return Blocks(self.codes.reshape(n, kb * f, bs), np.repeat(self.scales, f, axis=1),
+                      np.repeat(self.zero_points, f, axis=1), self.bits)
+
     @property
     def default_zero_point(self) -> bool:
         """MatMulNBits' implicit zero point (2**(bits-1)) everywhere: the input can be omitted."""

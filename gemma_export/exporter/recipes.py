@@ -245,7 +245,7 @@ def _outlier_channels(job: Job, proto, recipe: Recipe) -> dict:
                             length=length, seed=recipe.gptq_seed, progress=job.progress)
     with job.progress.stage("measuring channel peaks"):
         peaks = channel_peaks(job.fp32_model, ids, rounded_inputs(proto))
-    return {name: outlier_channels(p, 32, recipe.outlier_ratio) for name, p in peaks.items()}
+    return {name: outlier_channels(p, recipe.outlier_block, recipe.outlier_ratio) for name, p in peaks.items()}
 
 
 # -- from what the user asked ------------------------------------------------------------------------
