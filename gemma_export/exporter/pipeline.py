@@ -26,7 +26,7 @@ from gemma_export.contract import (
 from gemma_export.api import Artifact, verify_result
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError, UsageError
 from gemma_export.exporter import artifact as art
-from gemma_export.exporter.export import export_onnx
+from gemma_export.exporter.export import export_onnx, export_onnx_streamed
 from gemma_export.exporter.recipes import ArtifactRecipe, Job, Made, RecipeOptions, contrib_ops, make_recipe
 from gemma_export.exporter.verify import verify_artifact
 from gemma_export.models.load import DEFAULT_MODEL, Checkpoint, load_model
@@ -189,7 +189,10 @@ def run_export(
     def trace(d: Path) -> Path:
         d.mkdir(exist_ok=True)
         with progress.stage("tracing to ONNX"):
-            export_onnx(ckpt.model, d)
+            if ckpt.weights is not None:  # presets: never the whole model in memory
+                export_onnx_streamed(cfg, ckpt.weights, d)
+            else:
+                export_onnx(ckpt.model, d)
         return d / MODEL_FILE
 
     manifest, report = _build(
