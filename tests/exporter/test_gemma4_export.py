@@ -180,7 +180,8 @@ def test_narrow_recipes_meet_thresholds(gemma4_artifacts, tmp_path, precision):
 
 def test_runtime_generates_with_chat_format(gemma4_artifacts):
     """The torch-free runtime generates from a Gemma 4 artifact; greedy is deterministic
-    and the chat wrapper changes the prompt it sees."""
+    and the chat wrapper writes Gemma 4's turns (<|turn>, <turn|>), not Gemma 3's, as the
+    artifact's own chat template does."""
     out, _ = gemma4_artifacts["tiny-gemma4"]
     gen = load_generator(out, provider="cpu")
     cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
@@ -188,4 +189,10 @@ def test_runtime_generates_with_chat_format(gemma4_artifacts):
     b = gen.generate_result(["hello there"], cfg)
     c = gen.generate_result(["hello there"], cfg, chat=True)
     assert a.token_ids == b.token_ids and len(a.token_ids[0]) == 12
-    assert c.prompt_tokens[0] > a.prompt_tokens[0]
+    turns4 = "<|turn>user\nhello there<turn|>\n<|turn>model\n"
+    turns3 = "<start_of_turn>user\nhello there<end_of_turn>\n<start_of_turn>model\n"
+    assert c.prompt_tokens[0] == len(gen.tokenizer.encode(turns4, add_bos=True))
+    assert c.prompt_tokens[0] != len(gen.tokenizer.encode(turns3, add_bos=True))
+    assert gen.tokenizer.id_to_piece(5) == "<turn|>" and 5 in gen.session.eos_ids  # the turn end stops
+    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    assert "<|turn>" in template and "<start_of_turn>" not in template
