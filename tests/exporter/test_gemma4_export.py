@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from gemma_export.errors import ParityError
 from gemma_export.exporter.pipeline import export_artifact, quantize_artifact
 from gemma_export.exporter.quantize import dequantized_weights
 from gemma_export.exporter.recipes import RecipeOptions
@@ -165,17 +166,35 @@ def test_integer_recipe_computes_its_dequantized_weights(gemma4_artifacts, tmp_p
     assert rel <= 1e-5, f"relative L2 {rel:.3g}"
 
 
-BF16_MISS = ("Known miss, measured 2026-12-02 on tiny-gemma4: bf16 keeps top-1 agreement 0.984 against the "
-             "table's 0.99 (logits relative L2 0.0094, under 0.02); the same 8-bit-mantissa miss as the real "
-             "Gemma 3 270M's bf16 (tests/exporter/test_quantize.py BF16_MISS)")
-
-
-@pytest.mark.parametrize("precision", ["fp16", pytest.param("bf16", marks=pytest.mark.xfail(strict=True,
-                                                                                           reason=BF16_MISS))])
-def test_narrow_recipes_meet_thresholds(gemma4_artifacts, tmp_path, precision):
+def test_fp16_meets_thresholds(gemma4_artifacts, tmp_path):
     src, _ = gemma4_artifacts["tiny-gemma4"]
-    res = quantize_artifact(src, tmp_path / precision, precision=precision)
+    res = quantize_artifact(src, tmp_path / "fp16", precision="fp16")
     assert res["parity"]["passed"], res["parity_table"]
+
+
+# The rows bf16 must pass on random weights, as for the tiny Gemma 1-3 presets
+# (tests/exporter/test_narrow.py test_bf16_tiny_families); only the top-1 rows may miss.
+BF16_MUST_PASS = ("logits relative L2", "non-finite logits", "prefill+decode vs one forward (rel L2)",
+                  "ragged batch vs alone (rel L2)")
+
+
+def test_bf16_misses_only_top1_like_gemma3(gemma4_artifacts, tmp_path):
+    """bf16's miss on tiny-gemma4 is the 8-bit mantissa's, not a Gemma 4 cast: every row but
+    top-1 agreement passes, and top-1 misses as tiny-gemma3's does (PyTorch simulation of the
+    recipe's roundings over the 23751-token corpus, 2026-12-02: tiny-gemma4 98.40%, tiny-gemma3
+    98.48%; no group of products carries it, docs/design.md). Fails when bf16 passes the whole
+    table (then bf16 joins fp16 above), like the strict xfail it replaces."""
+    src, _ = gemma4_artifacts["tiny-gemma4"]
+    try:
+        res = quantize_artifact(src, tmp_path / "bf16", precision="bf16")
+    except ParityError as e:
+        res = e.result
+    metrics = {m["name"]: m for m in res["parity"]["metrics"]}
+    for key in BF16_MUST_PASS:
+        assert metrics[key]["passed"], res["parity_table"]
+    missed = [name for name, m in metrics.items() if not m["passed"]]
+    assert all("top-1 agreement" in name for name in missed), res["parity_table"]
+    assert missed, "bf16 passes the whole table on tiny-gemma4 now: test it like fp16"
 
 
 def test_runtime_generates_with_chat_format(gemma4_artifacts):
