@@ -36,12 +36,14 @@ def _initializers(path):
 
 
 @pytest.mark.slow
-def test_streamed_export_is_the_in_memory_export(tmp_path):
-    """tiny-gemma4 (PLE, KV sharing, the tied head's Transpose that must not fold, MatMul
-    weights that must) both ways: nodes byte-equal in order, I/O equal, every initializer
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4", "tiny-gemma4-moe"])
+def test_streamed_export_is_the_in_memory_export(tmp_path, name):
+    """Both ways (Gemma 3: the optimizer folds 1 + w on real values; Gemma 4: PLE, KV
+    sharing; MoE: gathered experts; all: the tied head's Transpose that must not fold,
+    MatMul weights that must): nodes byte-equal in order, I/O equal, every initializer
     equal by name (the order of the list differs: the folded weights are registered before
     the optimizer's own constants), and ONNX Runtime's logits bit-equal."""
-    ckpt = load_model("tiny-gemma4", seed=2)
+    ckpt = load_model(name, seed=2)
     a, b = tmp_path / "memory", tmp_path / "streamed"
     a.mkdir(), b.mkdir()
     export_onnx(build_model(ckpt.config, random_weights(ckpt.config, 2), "ref"), a)
