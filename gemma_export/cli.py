@@ -235,7 +235,8 @@ def generate(
     repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (reproducible output).")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat turn format.")] = False,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Wrap the prompt in the model family's chat turn format (Gemma 4 has its own).")] = False,
     truncate: Annotated[bool, typer.Option(
         "--truncate", help="Cut a prompt too long for the context to its <bos> and last tokens (default: refuse it)."
     )] = False,

@@ -22,6 +22,13 @@ After tracing, four rewrites make the graph match the contract (gemma_export/con
      token's logits skips the 262144-wide head on every other prompt position. It is an
      initializer that is also a graph input: consumers that do not know it never feed it
      and get the contract's full logits.
+
+export_onnx_streamed(cfg, weights, dir) makes the same files for a model that does not fit
+in memory (E2B's fp32 weights are 18.6 GB): the module is built with fake tensors, the
+trace holds no weight, every weight initializer becomes a lazy tensor that reads its one
+tensor from `weights` when the file is written, and the exporter's folding of a weight's
+Transpose (MatMul weights stored [in, out]) is done lazily here, before its optimizer
+would have materialised it. Peak memory is the graph plus about one tensor.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
@@ -44,6 +52,9 @@ from gemma_export.contract import (
 from gemma_export.errors import ExportError
 from gemma_export.models.config import GemmaConfig
 from gemma_export.models.gemma import GemmaForCausalLM
+
+if TYPE_CHECKING:
+    from gemma_export.models.load import PresetWeights
 
 OPSET = 18
 
@@ -66,7 +77,44 @@ class ExportResult:
 def export_onnx(model: GemmaForCausalLM, out_dir: Path) -> ExportResult:
     """Trace `model` (fp32) into out_dir/model.onnx with weights in model.onnx.data."""
     cfg = model.config
-    out_dir = Path(out_dir)
+    raw = Path(out_dir) / MODEL_FILE
+    try:
+        with _quiet():
+            program = _trace(model, cfg, optimize=True)
+            program.save(str(raw), external_data=True)
+    except Exception as e:  # torch.export raises many types; all mean "could not trace"
+        raise ExportError(f"tracing {cfg.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    del program
+    return _finish_graph(raw, cfg)
+
+
+def export_onnx_streamed(cfg: GemmaConfig, weights: PresetWeights, out_dir: Path) -> ExportResult:
+    """export_onnx's files without the model in memory: `weights` gives each tensor
+    (`shapes`, `tensor(name)`), read once, when the weights file is written."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gemma_export.models.load import model_class
+
+    raw = Path(out_dir) / MODEL_FILE
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            module = model_class(cfg)(cfg)
+        with _quiet():
+            program = _trace(module, cfg, optimize=False)
+    except Exception as e:  # as in export_onnx
+        raise ExportError(f"tracing {cfg.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    _bind_lazy_weights(program.model, weights)
+    _fold_weight_transposes(program.model, weights)
+    with _quiet():
+        program.optimize()  # what torch.onnx.export(optimize=True) runs, on lazy weights
+        program.save(str(raw), external_data=True)  # one tensor drawn and written at a time
+    del program
+    return _finish_graph(raw, cfg)
+
+
+def _trace(module: torch.nn.Module, cfg: GemmaConfig, *, optimize: bool):
+    """torch.onnx's dynamo export of `module` with the contract's I/O names and every dim
+    symbolic (an ONNXProgram)."""
     # Example sizes >= 2 so torch.export keeps every dim symbolic (it specialises 0 and 1).
     B, S, P = 2, 3, 4
     past = [torch.zeros(B, e.kv_heads, P, e.head_dim) for e in kv_entries(cfg) for _ in (0, 1)]
@@ -83,34 +131,91 @@ def export_onnx(model: GemmaForCausalLM, out_dir: Path) -> ExportResult:
         "position_ids": {0: auto, 1: auto},
         "past_key_values": [{0: auto, 2: auto} for _ in past],
     }
-    raw = out_dir / MODEL_FILE
-    try:
-        with _quiet():
-            program = torch.onnx.export(
-                _Traceable(model).eval(),
-                args,
-                input_names=input_names(cfg),
-                output_names=output_names(cfg),
-                dynamic_shapes=dynamic,
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=True,
-                optimize=True,
-                verbose=False,
-            )
-            program.save(str(raw), external_data=True)
-    except Exception as e:  # torch.export raises many types; all mean "could not trace"
-        raise ExportError(f"tracing {cfg.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    del program
+    return torch.onnx.export(
+        _Traceable(module).eval(),
+        args,
+        input_names=input_names(cfg),
+        output_names=output_names(cfg),
+        dynamic_shapes=dynamic,
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=True,
+        optimize=optimize,
+        verbose=False,
+    )
 
-    # Rewrite the graph structure only; the weights stay where the exporter wrote them.
+
+def _finish_graph(raw: Path, cfg: GemmaConfig) -> ExportResult:
+    """Rewrite the graph structure only; the weights stay where the exporter wrote them."""
     proto = onnx.load(str(raw), load_external_data=False)
     _rename_io_dims(proto, cfg)
     _tie_lm_head(proto, cfg)
     _name_nodes_and_weights(proto)
-    _relocate_external_data(proto, out_dir)
+    _relocate_external_data(proto, raw.parent)
     onnx.save(proto, str(raw))
     return ExportResult(raw)
+
+
+# -- lazy weights (export_onnx_streamed) ---------------------------------------------------
+
+
+def _bind_lazy_weights(model, weights: PresetWeights) -> None:
+    """Every initializer the fake module gave (named m.<checkpoint key>, a FakeTensor)
+    becomes a lazy tensor drawing that key from `weights`; the rest (constants the trace
+    lifted) are real already."""
+    import onnx_ir as ir
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for name, value in model.graph.initializers.items():
+        if not isinstance(getattr(value.const_value, "raw", None), FakeTensor):
+            continue
+        key = name[len("m."):] if name.startswith("m.") else None
+        if key not in weights.shapes:
+            raise ExportError(f"traced initializer {name} is not a weight of {weights.cfg.name}")
+        value.const_value = ir.LazyTensor(_weight_fn(weights, key, None), dtype=ir.DataType.FLOAT,
+                                          shape=ir.Shape(weights.shapes[key]), name=name)
+
+
+def _weight_fn(weights: PresetWeights, key: str, perm: list[int] | None):
+    import onnx_ir as ir
+
+    def make():
+        t = weights.tensor(key).numpy()
+        return ir.Tensor(t if perm is None else t.transpose(perm).copy())
+
+    return make
+
+
+def _fold_weight_transposes(model, weights: PresetWeights) -> None:
+    """Transpose(weight) -> a lazy transposed initializer, for exactly the transposes the
+    exporter's optimizer folds on large inputs (onnxscript's constant folding always folds
+    Transpose when the large input has no other consumer), under the name it gives
+    (the Transpose's output). Done by the optimizer, each fold would hold its result in
+    memory; the tied embedding (Gather and the LM head) has two consumers and stays."""
+    import onnx_ir as ir
+    from onnxscript.optimizer._constant_folding import DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
+
+    g = model.graph
+    for node in list(g):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        lazy = src.const_value if src is not None and src.is_initializer() else None
+        if not isinstance(lazy, ir.LazyTensor) or lazy.size <= DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT:
+            continue  # small ones the optimizer folds itself, on real values
+        if len(src.consumers()) != 1:
+            continue
+        key = src.name[len("m."):]
+        perm = list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else None
+        perm = perm or list(reversed(range(len(lazy.shape))))
+        out = node.outputs[0]
+        shape = ir.Shape([lazy.shape[i] for i in perm])
+        folded = ir.Value(name=out.name, type=ir.TensorType(ir.DataType.FLOAT), shape=shape,
+                          const_value=ir.LazyTensor(_weight_fn(weights, key, perm),
+                                                    dtype=ir.DataType.FLOAT, shape=shape, name=out.name))
+        g.register_initializer(folded)
+        ir.convenience.replace_nodes_and_values(g, node, [node], [], [out], [folded])  # as the optimizer does
+        del g.initializers[src.name]
 
 
 @contextlib.contextmanager

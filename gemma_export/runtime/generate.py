@@ -314,13 +314,14 @@ def generate_text(
 ) -> TextResult:
     """Text in, text out. `on_text(row, piece)` streams text as it is produced: never half a
     UTF-8 character, and never text that a stop string later claims."""
-    from gemma_export.runtime.tokenizer import chat_prompt
+    from gemma_export.runtime.tokenizer import chat_format, chat_prompt
 
     if tokenizer.vocab_size != sess.vocab_size:
         raise RuntimeConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {sess.vocab_size}"
         )
-    texts_in = [chat_prompt(p) if chat else p for p in prompts]
+    fmt = chat_format(sess.config.get("family"))  # Gemma 4 has turn markers of its own
+    texts_in = [chat_prompt(p, fmt) if chat else p for p in prompts]
     ids = [tokenizer.encode(t, add_bos=True) for t in texts_in]
     B = len(ids)
     streams = [TextStream(tokenizer, cfg.stop) for _ in range(B)]
@@ -417,7 +418,7 @@ class Generator:
 
     def generate(self, prompt, *, chat=False, **sampling):
         """The text generated after `prompt` (a str), or after each of `prompts` (a list, run
-        as one batch). `chat` wraps each prompt as one user turn of Gemma's chat format."""
+        as one batch). `chat` wraps each prompt as one user turn of the model family's chat format."""
         prompts = _prompt_list(prompt)
         texts = self.generate_result(prompts, sampling_config(**sampling), chat=chat).texts
         return texts[0] if isinstance(prompt, str) else texts
@@ -433,10 +434,10 @@ class Generator:
 
     def chat(self, messages: Sequence[dict], **sampling: Unpack[Sampling]) -> str:
         """The model's reply to a conversation ({"role": "system" | "user" | "assistant",
-        "content": str} dicts, Gemma's turn format; see tokenizer.format_chat)."""
-        from gemma_export.runtime.tokenizer import format_chat
+        "content": str} dicts, the model family's turn format; see tokenizer.format_chat)."""
+        from gemma_export.runtime.tokenizer import chat_format, format_chat
 
-        return self.generate(format_chat(messages), **sampling)
+        return self.generate(format_chat(messages, fmt=chat_format(self.session.config.get("family"))), **sampling)
 
     def generate_result(self, prompts: Sequence[str], cfg: SamplingConfig, *, chat: bool = False,
                         on_text: Callable[[int, str], None] | None = None, truncate: bool = False) -> TextResult:

@@ -5,8 +5,11 @@ vocabulary included: exporter/tokenizer_source.py). This module loads it and own
 deployment needs: ids <-> text, a stream decoder that never splits a UTF-8 character, and
 the chat format.
 
-The chat format is Gemma 3's chat template (tokenizer_config.json of google/gemma-3-*-it):
-    <start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n
+The chat format is the model family's chat template, as data (ChatFormat):
+    Gemma 1-3 (tokenizer_config.json of google/gemma-3-*-it):
+        <start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n
+    Gemma 4 (chat_template.jinja of google/gemma-4-E2B-it; a system turn of its own):
+        <|turn>system\\n{system}<turn|>\\n<|turn>user\\n{user}<turn|>\\n<|turn>model\\n
 BOS is not written into the string; `Tokenizer.encode` adds it.
 """
 
@@ -14,14 +17,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import sentencepiece as spm
 
 from gemma_export.errors import ArtifactError, RuntimeConfigError
 
 __all__ = [
+    "ChatFormat",
     "StreamDecoder",
     "Tokenizer",
+    "chat_format",
     "chat_prompt",
     "format_chat",
 ]
@@ -167,31 +173,58 @@ class StreamDecoder:
         return text
 
 
-# Gemma 3's chat template, as code (google/gemma-3-*-it tokenizer_config.json).
+@dataclass(frozen=True)
+class ChatFormat:
+    """A family's turn markup: `start` + role + newline, the text, `end` + newline."""
+
+    start: str  # opens a turn; the role name follows
+    end: str  # closes a turn (the instruction-tuned models' end-of-turn eos id)
+    system_turn: bool  # system text gets a turn of its own, else it opens the first user turn
+
+
+# Gemma 1-3: google/gemma-3-*-it tokenizer_config.json's chat_template, as code.
+GEMMA_CHAT = ChatFormat("<start_of_turn>", "<end_of_turn>", system_turn=False)
+# Gemma 4: google/gemma-4-E2B-it chat_template.jinja, text only, thinking off: a system
+# message first becomes `<|turn>system` ... `<turn|>`; the generation prompt is
+# the bare `<|turn>model\n` that E2B's and E4B's templates write.
+GEMMA4_CHAT = ChatFormat("<|turn>", "<turn|>", system_turn=True)
+
+
+def chat_format(family: int | None) -> ChatFormat:
+    """The chat format of a Gemma generation (a manifest's config["family"])."""
+    return GEMMA4_CHAT if family is not None and int(family) >= 4 else GEMMA_CHAT
+
+
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
 
 
-def format_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """A conversation in Gemma's turn format, without BOS (encode adds it).
+def format_chat(messages: Sequence[dict], add_generation_prompt: bool = True,
+                fmt: ChatFormat = GEMMA_CHAT) -> str:
+    """A conversation in Gemma's turn format (`fmt`: Gemma 1-3 unless given), without BOS
+    (encode adds it).
 
     `messages` are {"role": "system" | "user" | "assistant", "content": str}. Like Gemma's
-    template: an optional system message first is prepended to the first user turn with a blank
-    line; then roles alternate user/assistant starting with user; contents are stripped
-    (the template's `| trim`); "assistant" is written "model". With `add_generation_prompt`
-    the string ends with an open model turn for the reply.
+    templates: an optional system message first is prepended to the first user turn with a
+    blank line (Gemma 4: written as a system turn of its own); then roles alternate
+    user/assistant starting with user; contents are stripped (the templates' `| trim`);
+    "assistant" is written "model". With `add_generation_prompt` the string ends with an
+    open model turn for the reply.
     """
     if not messages:
         raise RuntimeConfigError("the conversation has no messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise RuntimeConfigError(f"message {i} is not a {{'role': ..., 'content': str}} dict")
-    prefix = ""
+    parts, prefix = [], ""
     turns = list(messages)
     if turns[0].get("role") == "system":
-        prefix = turns.pop(0)["content"] + "\n\n"
+        system = turns.pop(0)["content"]
+        if fmt.system_turn:
+            parts.append(f"{fmt.start}system\n{system.strip()}{fmt.end}\n")
+        else:
+            prefix = system + "\n\n"
     if not turns:
         raise RuntimeConfigError("the conversation has a system message but no user message")
-    parts = []
     for i, message in enumerate(turns):
         role = _ROLES.get(message.get("role"))
         expected = "user" if i % 2 == 0 else "model"
@@ -201,12 +234,12 @@ def format_chat(messages: Sequence[dict], add_generation_prompt: bool = True) ->
                 f"where {'user' if expected == 'user' else 'assistant'} belongs"
             )
         text = (prefix if i == 0 else "") + message["content"].strip()
-        parts.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
+        parts.append(f"{fmt.start}{role}\n{text}{fmt.end}\n")
     if add_generation_prompt:
-        parts.append("<start_of_turn>model\n")
+        parts.append(f"{fmt.start}model\n")
     return "".join(parts)
 
 
-def chat_prompt(user: str) -> str:
+def chat_prompt(user: str, fmt: ChatFormat = GEMMA_CHAT) -> str:
     """One user turn and the open model turn: the prompt for a single question."""
-    return format_chat([{"role": "user", "content": user}])
+    return format_chat([{"role": "user", "content": user}], fmt=fmt)

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from gemma_export.errors import RuntimeConfigError
 from gemma_export.runtime.generate import SamplingConfig
-from gemma_export.runtime.tokenizer import format_chat
+from gemma_export.runtime.tokenizer import chat_format, format_chat
 from gemma_export.server.engine import (
     Engine,
     Event,
@@ -195,7 +195,7 @@ def create_app(load: Callable[[], Engine], settings: Settings, metrics: ServerMe
         eng = engine()
         req = parse_chat(await _json(request))
         try:
-            text = format_chat(req.messages)
+            text = format_chat(req.messages, fmt=chat_format(eng.session.config.get("family")))
         except Exception as e:  # RuntimeConfigError: roles out of order
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
         if settings.log_prompts:

@@ -209,8 +209,9 @@ def parse_chat(body: Any) -> ChatRequest:
         role = m.get("role")
         if role not in _ROLES:
             raise _bad(f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}")
-        # Gemma has no system role: its template folds a first system message into the
-        # first user turn (runtime.tokenizer.format_chat). "developer" is OpenAI's new name.
+        # Gemma 1-3 have no system role: their template folds a first system message into the
+        # first user turn; Gemma 4 gives it a turn of its own (runtime.tokenizer.format_chat).
+        # "developer" is OpenAI's new name.
         out.append({"role": "system" if role == "developer" else role, "content": _content(i, m.get("content"))})
     sampling = _sampling(body, max_tokens_names=("max_completion_tokens", "max_tokens"))
     return ChatRequest(_str(body, "model"), out, sampling)

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from gemma_export.errors import ParityError
 from gemma_export.exporter.pipeline import export_artifact, quantize_artifact
 from gemma_export.exporter.quantize import dequantized_weights
 from gemma_export.exporter.recipes import RecipeOptions
@@ -165,22 +166,41 @@ def test_integer_recipe_computes_its_dequantized_weights(gemma4_artifacts, tmp_p
     assert rel <= 1e-5, f"relative L2 {rel:.3g}"
 
 
-BF16_MISS = ("Known miss, measured 2026-12-02 on tiny-gemma4: bf16 keeps top-1 agreement 0.984 against the "
-             "table's 0.99 (logits relative L2 0.0094, under 0.02); the same 8-bit-mantissa miss as the real "
-             "Gemma 3 270M's bf16 (tests/exporter/test_quantize.py BF16_MISS)")
-
-
-@pytest.mark.parametrize("precision", ["fp16", pytest.param("bf16", marks=pytest.mark.xfail(strict=True,
-                                                                                           reason=BF16_MISS))])
-def test_narrow_recipes_meet_thresholds(gemma4_artifacts, tmp_path, precision):
+def test_fp16_meets_thresholds(gemma4_artifacts, tmp_path):
     src, _ = gemma4_artifacts["tiny-gemma4"]
-    res = quantize_artifact(src, tmp_path / precision, precision=precision)
+    res = quantize_artifact(src, tmp_path / "fp16", precision="fp16")
     assert res["parity"]["passed"], res["parity_table"]
+
+
+# The rows bf16 must pass on random weights, as for the tiny Gemma 1-3 presets
+# (tests/exporter/test_narrow.py test_bf16_tiny_families); only the top-1 rows may miss.
+BF16_MUST_PASS = ("logits relative L2", "non-finite logits", "prefill+decode vs one forward (rel L2)",
+                  "ragged batch vs alone (rel L2)")
+
+
+def test_bf16_misses_only_top1_like_gemma3(gemma4_artifacts, tmp_path):
+    """bf16's miss on tiny-gemma4 is the 8-bit mantissa's, not a Gemma 4 cast: every row but
+    top-1 agreement passes, and top-1 misses as tiny-gemma3's does (PyTorch simulation of the
+    recipe's roundings over the 23751-token corpus, 2026-12-02: tiny-gemma4 98.40%, tiny-gemma3
+    98.48%; no group of products carries it, docs/design.md). Fails when bf16 passes the whole
+    table (then bf16 joins fp16 above), like the strict xfail it replaces."""
+    src, _ = gemma4_artifacts["tiny-gemma4"]
+    try:
+        res = quantize_artifact(src, tmp_path / "bf16", precision="bf16")
+    except ParityError as e:
+        res = e.result
+    metrics = {m["name"]: m for m in res["parity"]["metrics"]}
+    for key in BF16_MUST_PASS:
+        assert metrics[key]["passed"], res["parity_table"]
+    missed = [name for name, m in metrics.items() if not m["passed"]]
+    assert all("top-1 agreement" in name for name in missed), res["parity_table"]
+    assert missed, "bf16 passes the whole table on tiny-gemma4 now: test it like fp16"
 
 
 def test_runtime_generates_with_chat_format(gemma4_artifacts):
     """The torch-free runtime generates from a Gemma 4 artifact; greedy is deterministic
-    and the chat wrapper changes the prompt it sees."""
+    and the chat wrapper writes Gemma 4's turns (<|turn>, <turn|>), not Gemma 3's, as the
+    artifact's own chat template does."""
     out, _ = gemma4_artifacts["tiny-gemma4"]
     gen = load_generator(out, provider="cpu")
     cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
@@ -188,4 +208,10 @@ def test_runtime_generates_with_chat_format(gemma4_artifacts):
     b = gen.generate_result(["hello there"], cfg)
     c = gen.generate_result(["hello there"], cfg, chat=True)
     assert a.token_ids == b.token_ids and len(a.token_ids[0]) == 12
-    assert c.prompt_tokens[0] > a.prompt_tokens[0]
+    turns4 = "<|turn>user\nhello there<turn|>\n<|turn>model\n"
+    turns3 = "<start_of_turn>user\nhello there<end_of_turn>\n<start_of_turn>model\n"
+    assert c.prompt_tokens[0] == len(gen.tokenizer.encode(turns4, add_bos=True))
+    assert c.prompt_tokens[0] != len(gen.tokenizer.encode(turns3, add_bos=True))
+    assert gen.tokenizer.id_to_piece(5) == "<turn|>" and 5 in gen.session.eos_ids  # the turn end stops
+    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    assert "<|turn>" in template and "<start_of_turn>" not in template

@@ -16,7 +16,7 @@ import pytest
 from gemma_export.contract import CORPUS
 from gemma_export.exporter import hf_tokenizer
 from gemma_export.exporter.tokenizer_source import preset_tokenizer
-from gemma_export.runtime.tokenizer import Tokenizer, format_chat
+from gemma_export.runtime.tokenizer import Tokenizer, chat_format, format_chat
 from tests.runtime.test_tokenizer import CORPUS as TEXTS
 from tests.runtime.test_tokenizer import LONG_SPACE_RUNS
 
@@ -110,3 +110,23 @@ def test_special_tokens_and_config():
     # match after spaces are escaped, like SentencePiece's.
     assert added["<bos>"]["special"] and not added["<bos>"]["normalized"]
     assert added["<start_of_turn>"]["special"]
+
+
+@pytest.mark.parametrize("family", [3, 4])
+def test_chat_template_writes_what_format_chat_writes(family, tmp_path):
+    """The artifact's chat template (transformers renders it) against the runtime's
+    format_chat, per family: Gemma 4's turn markers and system turn in both, or in neither."""
+    transformers = pytest.importorskip("transformers")
+    data = preset_tokenizer(1000, family)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(hf_tokenizer.tokenizer_json(data)))
+    cfg = hf_tokenizer.tokenizer_config(data, 4096, family)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                               bos_token=cfg["bos_token"], chat_template=cfg["chat_template"])
+    fmt = chat_format(family)
+    for messages in CONVERSATIONS:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == "<bos>" + format_chat(messages, fmt=fmt)
+        folded = messages[0]["role"] == "system" and not fmt.system_turn  # Gemma 1-3: into the first user turn
+        assert text.count(fmt.start) == len(messages) + 1 - folded
+    assert set(hf_tokenizer.special_tokens_map(data, family)["additional_special_tokens"]) == {fmt.start, fmt.end}
+    assert Tokenizer.from_bytes(data).id_to_piece(5) == fmt.end  # the presets' end-of-turn eos id

@@ -32,7 +32,9 @@ from gemma_export.exporter.tokenizer_source import (
     tokenizer_from_gguf,
     tokenizer_from_hf_dir,
 )
-from gemma_export.runtime.tokenizer import StreamDecoder, Tokenizer, chat_prompt, format_chat
+from gemma_export.runtime.tokenizer import (
+    GEMMA4_CHAT, StreamDecoder, Tokenizer, chat_format, chat_prompt, format_chat,
+)
 
 SPACE = "\u2581"
 
@@ -248,6 +250,17 @@ def test_format_chat_like_gemma_template():
         "<start_of_turn>model\n"
     )
     assert not format_chat(messages, add_generation_prompt=False).endswith("<start_of_turn>model\n")
+
+
+def test_format_chat_gemma4_like_its_documented_example():
+    """ai.google.dev/gemma/docs/core/prompt-formatting-gemma4: <|turn> / <turn|>, the system
+    instruction in a turn of its own, the reply after an open `<|turn>model`."""
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello."}]
+    assert format_chat(messages, fmt=GEMMA4_CHAT) == (
+        "<|turn>system\nYou are a helpful assistant.<turn|>\n<|turn>user\nHello.<turn|>\n<|turn>model\n"
+    )
+    assert chat_prompt(" Hi ", GEMMA4_CHAT) == "<|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert chat_format(4) is GEMMA4_CHAT and chat_format(3) is not GEMMA4_CHAT and chat_format(None) is chat_format(1)
 
 
 @pytest.mark.parametrize(
