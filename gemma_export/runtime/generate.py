@@ -522,14 +522,14 @@ def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
 
 
 def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None,
-                   portable: bool = False, verify_checksums: bool = False) -> Generator:
+                   portable: bool = False, verify_checksums: bool = False, full_cache: bool = False) -> Generator:
     from pathlib import Path
 
     from gemma_export.errors import ArtifactError
     from gemma_export.runtime.tokenizer import Tokenizer
 
     sess = DecoderSession(artifact_dir, provider=provider, threads=threads, portable=portable,
-                          verify_checksums=verify_checksums)
+                          verify_checksums=verify_checksums, full_cache=full_cache)
     name = sess.manifest.tokenizer
     if not name:
         raise ArtifactError(f"{artifact_dir}: artifact has no tokenizer.model, so it cannot generate text")
