@@ -296,6 +296,9 @@ def bench(
     provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "cpu",
     repeats: Annotated[int, typer.Option(help="Timed runs after one warm-up; the median is reported.")] = 3,
     portable: PortableOpt = False,
+    full_cache: Annotated[bool, typer.Option(
+        "--full-cache", help="Keep every position for sliding layers too (the portable graph on CPU bounds them to "
+                             "their window by default).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Time prefill and decode of an artifact at batch 1 (see benchmarks/ for peers side by side)."""
@@ -304,9 +307,10 @@ def bench(
 
     prov = _choice(Provider, provider, "--provider")
     res = bench_artifact(artifact, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
-                         provider=prov, repeats=repeats, portable=portable)
+                         provider=prov, repeats=repeats, portable=portable, full_cache=full_cache)
     text = (
-        f"{res['precision']} on {res['provider']} ({threads} threads): prefill {res['prompt_tokens']} tokens "
+        f"{res['precision']} on {res['provider']} ({threads} threads, {res['kv_cache']} cache): "
+        f"prefill {res['prompt_tokens']} tokens "
         f"{res['prefill_seconds'] * 1000:.0f} ms, decode {res['decode_tokens_per_second']:.1f} tok/s, "
         f"peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB, artifact {res['size_bytes'] / 1e6:.0f} MB"
     )

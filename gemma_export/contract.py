@@ -20,6 +20,13 @@ The table it generates (docs/design.md, "The ONNX contract"):
 
 In the shared layout past and present are one buffer of `cache_capacity` positions.
 
+A concat-layout entry of a sliding layer (Gemma 1-3) is a window entry: its io_spec says
+`"length": "window", "keep": W - 1` (W = sliding_window), and its past may hold only the
+newest n positions of the P the attention_mask covers, for any n with
+min(P, keep) <= n <= P: the graph masks that layer by its own past's length, position_ids
+stay absolute. n = P (every entry full, what onnxruntime-genai and Optimum feed) is the
+plain contract. The shared layout keeps every entry full.
+
 The cache is described as data, one `KVEntry` per past/present pair (`kv_entries`): which
 layers read it, its kv heads and head dim. Gemma 1-3 have one entry per layer, all of one
 shape. Gemma 4 has fewer entries than layers (its KV-shared layers read an earlier
@@ -126,11 +133,13 @@ class ShapeConfig(Protocol):
     def kv_heads_for(self, layer: int) -> int: ...
     def head_dim_for(self, layer: int) -> int: ...
     def kv_source(self, layer: int) -> int: ...
+    def cache_window(self, layer: int) -> int | None: ...
 
 
-# How many positions an entry holds: every position so far. (A sliding-window ring
-# buffer would be a second kind; the contract names the kind per entry.)
+# How many positions an entry holds: every position so far, or (a window entry) at least
+# the newest `keep` of them; the graph reads either exactly.
 LENGTH_FULL = "full"
+LENGTH_WINDOW = "window"
 
 
 @dataclass(frozen=True)
@@ -142,20 +151,26 @@ class KVEntry:
     kv_heads: int
     head_dim: int
     length: str = LENGTH_FULL
+    keep: int | None = None  # a window entry: the newest positions it must hold
 
     def names(self, prefix: str) -> list[str]:
         return [f"{prefix}.{self.index}.key", f"{prefix}.{self.index}.value"]
 
 
-def kv_entries(cfg: ShapeConfig) -> list[KVEntry]:
+def kv_entries(cfg: ShapeConfig, windows: bool = False) -> list[KVEntry]:
     """The cache as data: one entry per layer that computes K/V, listing the KV-shared
-    layers that read it too."""
+    layers that read it too. `windows`: sliding layers' entries are window entries (the
+    concat layout of a graph that masks them by their own length)."""
     readers: dict[int, list[int]] = {i: [i] for i in cfg.cache_layers}
     for j in range(cfg.num_hidden_layers):
         if cfg.kv_source(j) != j:
             readers[cfg.kv_source(j)].append(j)
-    return [KVEntry(n, tuple(readers[i]), cfg.kv_heads_for(i), cfg.head_dim_for(i))
-            for n, i in enumerate(cfg.cache_layers)]
+    out = []
+    for n, i in enumerate(cfg.cache_layers):
+        keep = cfg.cache_window(i) if windows else None
+        out.append(KVEntry(n, tuple(readers[i]), cfg.kv_heads_for(i), cfg.head_dim_for(i),
+                           LENGTH_FULL if keep is None else LENGTH_WINDOW, keep))
+    return out
 
 
 def entries_from_io(io: dict[str, Any]) -> list[KVEntry]:
@@ -166,8 +181,14 @@ def entries_from_io(io: dict[str, Any]) -> list[KVEntry]:
         if name.startswith(PAST_PREFIX + ".") and name.endswith(".key"):
             index = int(name[len(PAST_PREFIX) + 1:-len(".key")])
             shape = spec["shape"]
+            length = spec.get("length", LENGTH_FULL)
+            if length not in (LENGTH_FULL, LENGTH_WINDOW):
+                raise ValueError(f"{name}: unknown length {length!r}")
+            keep = int(spec["keep"]) if length == LENGTH_WINDOW else None
+            if keep is not None and keep < 1:
+                raise ValueError(f"{name}: keep {keep} < 1")
             out.append(KVEntry(index, tuple(spec.get("layers", [index])), int(shape[1]), int(shape[3]),
-                               spec.get("length", LENGTH_FULL)))
+                               length, keep))
     return out
 
 
@@ -191,13 +212,15 @@ def io_spec(cfg: ShapeConfig, kv_dtype: str = "float32", logits_dtype: str = "fl
     layout = KVLayout(kv_cache)
     past_len = PAST if layout == KVLayout.CONCAT else CAPACITY
     total_len = TOTAL if layout == KVLayout.CONCAT else CAPACITY
-    entries = kv_entries(cfg)
+    entries = kv_entries(cfg, windows=layout == KVLayout.CONCAT)
     # Gemma 1-3 (one entry per layer, one shape): the entries carry nothing beyond the
     # name, so their io_spec stays what it always was. Otherwise each entry says its layers.
     plain = [e.layers for e in entries] == [(i,) for i in range(cfg.num_hidden_layers)]
 
     def kv(e: KVEntry, length: str) -> dict[str, Any]:
         d = {"dtype": kv_dtype, "shape": [BATCH, e.kv_heads, length, e.head_dim]}
+        if e.length == LENGTH_WINDOW:
+            d |= {"length": LENGTH_WINDOW, "keep": e.keep}
         return d if plain else d | {"layers": list(e.layers)}
 
     inputs = {

@@ -16,6 +16,8 @@ Which graph each client drives:
 - Optimum and transformers.js feed `past_key_values.*` of the past length and read `present.*`
   of the total: the concat contract. They get the portable graph (model.portable.onnx for
   the fused recipes, model.onnx otherwise), renamed into transformers.js's folder layout.
+- All three keep every position of every layer (a uniform cache); the concat graph reads that
+  exactly (contract.py: a window entry may be full). Bounding sliding layers is our runtime's.
 
 transformers.js looks for `onnx/model{suffix}.onnx` with the suffix of a dtype and, where
 `transformers.js_config.use_external_data_format` says so, `onnx/model{suffix}.onnx_data`; in

@@ -115,9 +115,13 @@ def export_onnx_streamed(cfg: GemmaConfig, weights: PresetWeights, out_dir: Path
 def _trace(module: torch.nn.Module, cfg: GemmaConfig, *, optimize: bool):
     """torch.onnx's dynamo export of `module` with the contract's I/O names and every dim
     symbolic (an ONNXProgram)."""
-    # Example sizes >= 2 so torch.export keeps every dim symbolic (it specialises 0 and 1).
-    B, S, P = 2, 3, 4
-    past = [torch.zeros(B, e.kv_heads, P, e.head_dim) for e in kv_entries(cfg) for _ in (0, 1)]
+    # Example sizes >= 2 so torch.export keeps every dim symbolic (it specialises 0 and 1),
+    # and all different: equal sizes share one symbol. A window entry's past is shorter
+    # than the mask's P (the contract lets it hold only its newest positions), so its
+    # length is a symbol of its own rather than P.
+    B, S, P, P_window = 2, 3, 5, 4
+    past = [torch.zeros(B, e.kv_heads, P if e.keep is None else P_window, e.head_dim)
+            for e in kv_entries(cfg, windows=True) for _ in (0, 1)]
     args = (
         torch.zeros((B, S), dtype=torch.long),
         torch.ones((B, P + S), dtype=torch.long),

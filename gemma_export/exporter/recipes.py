@@ -200,7 +200,7 @@ class IntegerRecipe(_WithParams):
             # GroupQueryAttention with an attention_bias is verified on the CPU provider only.
             onnx.save(fill_from(optimized.portable, proto), str(job.dst / PORTABLE_MODEL_FILE))
             fields = {"kv_cache": KVLayout.SHARED, "io": io_spec(job.cfg, kv_cache=KVLayout.SHARED),
-                      "portable_model_file": PORTABLE_MODEL_FILE,
+                      "portable_model_file": PORTABLE_MODEL_FILE, "portable_io": io_spec(job.cfg),
                       "provider_model_files": {"cuda": PORTABLE_MODEL_FILE}}
         return Made(graph=graph_summary(proto, optimized.fusions), kept_fp32=KEPT_FP32_QUANTIZED, summary=summary,
                     fields=fields)

@@ -166,6 +166,16 @@ class GemmaConfig:
         t = self.layer_types[layer]
         return max(j for j in range(first) if self.layer_types[j] == t)
 
+    def cache_window(self, layer: int) -> int | None:
+        """Positions a bounded cache of `layer` must keep (None: every position): a sliding
+        layer's newest query sees itself and the `sliding_window - 1` keys before it, so
+        older ones are never read again. Gemma 1-3 only: models/gemma.py masks a sliding
+        layer by its own past's length; Gemma 4's graph (models/gemma4.py) reads every
+        entry as full."""
+        if self.family < 4 and self.layer_types[layer] == LayerType.SLIDING:
+            return self.sliding_window - 1
+        return None
+
     @property
     def cache_layers(self) -> tuple[int, ...]:
         """The layers that own a cache entry (past_key_values.{i} for i in order)."""

@@ -210,7 +210,6 @@ class GemmaForCausalLM(nn.Module):
     ) -> tuple[Tensor, PastKeyValues]:
         cfg = self.config
         B, S = input_ids.shape
-        P = past[0].shape[2]
         h = self.model.embed_tokens(input_ids)
         # sqrt(hidden) in the activation dtype, as transformers and gemma_pytorch do: the
         # checkpoints were trained with that rounding (bf16: 25.298 -> 25.25 for 640).
@@ -220,8 +219,16 @@ class GemmaForCausalLM(nn.Module):
         biases: dict[LayerType, Tensor] = {}
         for t in set(cfg.layer_types):
             ropes[t] = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta_for(t), cfg.rope_scale_for(t))
+            # Each layer type is masked by its own past's length: a bounded cache (contract:
+            # window entries) gives sliding layers only their newest positions, the last
+            # Pt + S columns of attention_mask. Cache index distance still equals position
+            # distance there (the kept positions are contiguous), so causality and the
+            # window hold as in the full cache; Pt = P is the plain contract.
+            first = cfg.layer_types.index(t)
+            Pt = past[2 * first].shape[2]
             window = cfg.sliding_window if t == LayerType.SLIDING else None
-            biases[t] = attention_bias(attention_mask, P, S, window, torch.float32)
+            mask_t = attention_mask[:, attention_mask.shape[1] - (Pt + S):] if window else attention_mask
+            biases[t] = attention_bias(mask_t, Pt, S, window, torch.float32)
 
         present = []
         for i, layer in enumerate(self.model.layers):

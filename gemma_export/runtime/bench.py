@@ -40,10 +40,11 @@ def bench_artifact(
     provider: str = "cpu",
     repeats: int = 3,
     portable: bool = False,
+    full_cache: bool = False,
 ) -> dict[str, Any]:
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise RuntimeConfigError("--prompt-tokens, --new-tokens and --repeats must be >= 1")
-    gen = load_generator(artifact, provider=provider, threads=threads, portable=portable)
+    gen = load_generator(artifact, provider=provider, threads=threads, portable=portable, full_cache=full_cache)
     sess = gen.session
     if prompt_tokens + new_tokens > sess.max_length:
         raise RuntimeConfigError(f"prompt + new tokens exceed the context of {sess.max_length}")
@@ -68,6 +69,8 @@ def bench_artifact(
         "precision": sess.manifest.precision.value,
         "provider": sess.provider.value,
         "graph": sess.model_path.name,
+        # sliding layers' entries bounded to their window (portable graph on CPU) or all full
+        "kv_cache": "bounded" if any(k is not None for k in sess.kv_keep) else "full",
         "threads": threads,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

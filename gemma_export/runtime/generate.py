@@ -4,7 +4,8 @@ The engine works on token ids and knows nothing about tokenization (nanochat's r
 `generate_text` wraps it with a tokenizer, stop strings and streaming; `Generator` (what
 `gemma_export.load` returns) is the Python API over that: text in, text(s) out, streaming.
 
-    prefill(sess, prompts)          left-pad a batch, run the prompt, return state
+    prefill(sess, prompts)          left-pad a batch, run the prompt in chunks, return state
+    forward_chunked(sess, ...)      one forward's worth of positions, PREFILL_CHUNK at a time
     decode_one_token(sess, state)   feed the last sampled tokens, return next logits
     sample(logits, history, cfg)    greedy / temperature / top-k / top-p / repetition penalty
     generate_ids(...)               the loop with stop conditions
@@ -121,6 +122,13 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 # -- the loop ----------------------------------------------------------------------------------
 
 
+# Prompt positions per forward. Attention scores of one forward are [B, heads, S, T], so a
+# one-shot prefill grows with the square of the prompt; in chunks of C the peak is C x T.
+# 512 = the real 270M's sliding window: a chunk of a local layer then attends over at most
+# 2 windows of keys.
+PREFILL_CHUNK = 512
+
+
 @dataclass
 class DecodeState:
     cache: KVCache
@@ -129,10 +137,33 @@ class DecodeState:
     logits: np.ndarray  # [B, V] next-token logits
 
 
-def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]], capacity: int = 0) -> DecodeState:
-    """Run the left-padded prompts; the state holds logits for each row's next token.
-    `capacity`: the positions the whole generation will need, where the cache can reserve
-    them up front (shared layout); it grows on demand either way."""
+def forward_chunked(sess: DecoderSession, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: KVCache,
+                    chunk: int = PREFILL_CHUNK, last_only: bool = False) -> tuple[np.ndarray, KVCache]:
+    """sess.forward over ids [B, S] (mask [B, cache.length + S]) in forwards of at most
+    `chunk` positions, each chunk's keys/values the past of the next. The same numbers as
+    one forward: every query sees the same keys under the same mask. Logits [B, S, V], or
+    [B, 1, V] with `last_only`."""
+    if chunk < 1:
+        raise RuntimeConfigError(f"prefill chunk must be >= 1, got {chunk}")
+    S, past = ids.shape[1], cache.length
+    rows = []
+    for start in range(0, S, chunk):
+        end = min(S, start + chunk)
+        last = end == S
+        logits, cache = sess.forward(ids[:, start:end], mask[:, :past + end], pos[:, start:end], cache,
+                                     last_only=last_only)
+        if not last_only:
+            rows.append(logits)
+        elif last:
+            rows.append(logits[:, -1:])
+    return (rows[0] if len(rows) == 1 else np.concatenate(rows, axis=1)), cache
+
+
+def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]], capacity: int = 0,
+            chunk: int = PREFILL_CHUNK) -> DecodeState:
+    """Run the left-padded prompts, `chunk` positions per forward; the state holds logits
+    for each row's next token. `capacity`: the positions the whole generation will need,
+    where the cache can reserve them up front (shared layout); it grows on demand either way."""
     B, width = len(prompts), max(len(p) for p in prompts)
     ids = np.full((B, width), sess.pad_id, np.int64)
     mask = np.zeros((B, width), np.int64)
@@ -140,7 +171,7 @@ def prefill(sess: DecoderSession, prompts: Sequence[Sequence[int]], capacity: in
         ids[b, width - len(p):] = p
         mask[b, width - len(p):] = 1
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    logits, cache = sess.forward(ids, mask, pos, sess.new_cache(B, capacity), last_only=True)
+    logits, cache = forward_chunked(sess, ids, mask, pos, sess.new_cache(B, capacity), chunk, last_only=True)
     return DecodeState(cache, mask, pos[:, -1:], logits[:, -1])
 
 
@@ -492,14 +523,14 @@ def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
 
 
 def load_generator(artifact_dir, provider: str = "auto", threads: int | None = None,
-                   portable: bool = False, verify_checksums: bool = False) -> Generator:
+                   portable: bool = False, verify_checksums: bool = False, full_cache: bool = False) -> Generator:
     from pathlib import Path
 
     from gemma_export.errors import ArtifactError
     from gemma_export.runtime.tokenizer import Tokenizer
 
     sess = DecoderSession(artifact_dir, provider=provider, threads=threads, portable=portable,
-                          verify_checksums=verify_checksums)
+                          verify_checksums=verify_checksums, full_cache=full_cache)
     name = sess.manifest.tokenizer
     if not name:
         raise ArtifactError(f"{artifact_dir}: artifact has no tokenizer.model, so it cannot generate text")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gemma_export.contract import KVLayout
+from gemma_export.contract import LENGTH_WINDOW, KVLayout
 from gemma_export.runtime.manifest import Manifest
 
 # The other runtimes an export writes files for, in the order `inspect` lists them.
@@ -46,8 +46,7 @@ def inspect_artifact(artifact_dir: Path | str) -> dict[str, Any]:
         "files": {name: e.size for name, e in m.files.items()},
         "graphs": graphs,
         "kv_cache": m.layout.value,
-        "io": {side: {name: f"{s['dtype']} {s['shape']}" for name, s in m.io[side].items()}
-               for side in ("inputs", "outputs")},
+        "io": {side: {name: _io_line(s) for name, s in m.io[side].items()} for side in ("inputs", "outputs")},
         "onnxruntime_ops": m.onnxruntime_ops,
         "parity": None if m.parity is None else {
             "passed": m.parity.get("passed"),
@@ -115,6 +114,12 @@ def _num(v: Any) -> str:
 
 def _recipe_line(recipe: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in recipe.items() if k != "name" and not k.startswith("gptq_")) or "as traced"
+
+
+def _io_line(spec: dict) -> str:
+    """dtype and shape; a window entry (contract.py) with the newest positions it keeps."""
+    line = f"{spec['dtype']} {spec['shape']}"
+    return line + f" window (keeps >= {spec['keep']})" if spec.get("length") == LENGTH_WINDOW else line
 
 
 def _fold_kv(specs: dict[str, str]) -> dict[str, str]:

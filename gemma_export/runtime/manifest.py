@@ -83,6 +83,7 @@ class Manifest:
     derived_from: str | None = None  # the fp32 artifact `quantize` started from
     kv_cache: KVLayout | None = None  # SHARED for the fused integer graphs; absent = CONCAT
     portable_model_file: str | None = None  # the contract-exact sibling of a fused graph
+    portable_io: dict[str, Any] | None = None  # contract.io_spec of portable_model_file (concat layout)
     provider_model_files: dict[str, str] = field(default_factory=dict)  # provider -> graph, where not model_file
     # Other runtimes: {client: {role: path}}, e.g. {"transformers.js": {"graph": "onnx/model.onnx",
     # "data": ..., "dtype": "fp32"}} (exporter/clients.py); absent from artifacts made before them.
@@ -103,6 +104,14 @@ class Manifest:
         if portable and self.portable_model_file:
             return self.portable_model_file
         return self.provider_model_files.get(provider, self.model_file)
+
+    def graph_io(self, graph: str) -> dict[str, Any]:
+        """The io_spec of `graph`, one of this artifact's graphs: the portable sibling's own
+        where the manifest has it (artifacts before it: the model_file's, whose entries
+        describe the same tensors, all full)."""
+        if graph == self.portable_model_file and self.portable_io is not None:
+            return self.portable_io
+        return self.io
 
     def size_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
@@ -164,6 +173,7 @@ class Manifest:
             derived_from=v.opt("derived_from", str),
             kv_cache=None if kv is None else v.enum("kv_cache", KVLayout),
             portable_model_file=v.opt("portable_model_file", str),
+            portable_io=None if v.opt("portable_io", dict) is None else _io(v.dict_("portable_io"), where),
             provider_model_files={k: pv.str_(k) for k in pmf},
             clients=_clients(v.opt("clients", dict) or {}, where),
             parity=v.opt("parity", dict),
@@ -220,7 +230,8 @@ class Manifest:
                 raise ArtifactError(f"{p}: sha256 does not match {MANIFEST_FILE} (corrupt or modified)")
 
 
-_OPTIONAL = {"quantized", "derived_from", "kv_cache", "portable_model_file", "provider_model_files", "clients"}
+_OPTIONAL = {"quantized", "derived_from", "kv_cache", "portable_model_file", "portable_io", "provider_model_files",
+             "clients"}
 
 
 def inside_artifact(d: Path, name: str, what: str) -> Path:

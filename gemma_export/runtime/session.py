@@ -16,6 +16,14 @@ positions they hold. Two layouts, read from the graph's own inputs:
 Either way the cache never makes a host round trip on CUDA; only logits come back to the
 host. The same code runs on CPU (device "cpu"), which is how CI covers the CUDA path's
 logic.
+
+Bounded cache (concat layout, CPU): the manifest marks sliding layers' entries as window
+entries (contract.py) that must keep their newest `keep` = W - 1 positions; the session
+lets such a tensor grow to 2 * keep positions and then cuts it back to its newest `keep`,
+so the cut (a copy of `keep` positions) happens once per `keep` steps rather than every
+step. Global layers keep everything. `KVCache.length` stays the number of positions the
+attention_mask covers. On CUDA the cut would go through the host, so window entries stay
+full there (as they do in the shared layout).
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from gemma_export.contract import CAPACITY, KEEP_INPUT, PAST_PREFIX, PRESENT_PREFIX, entries_from_io, kv_names
+from gemma_export.contract import (
+    CAPACITY, KEEP_INPUT, LENGTH_WINDOW, PAST_PREFIX, PRESENT_PREFIX, entries_from_io, kv_names,
+)
 from gemma_export.errors import ArtifactError, RuntimeConfigError
 from gemma_export.runtime.manifest import Manifest, inside_artifact
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -60,9 +70,10 @@ class _Chain:
 @dataclass
 class KVCache:
     """The KV cache of one batch: `values` (past_key_values.* order) hold `length`
-    positions. A shared-layout cache is advanced in place, so only the newest cache of a
-    chain may be fed to the next step; `_chain.filled` catches reuse of an older one,
-    which would otherwise overwrite positions the newer one relies on."""
+    positions (a bounded window tensor only its newest ones: DecoderSession.kv_keep). A
+    shared-layout cache is advanced in place, so only the newest cache of a chain may be
+    fed to the next step; `_chain.filled` catches reuse of an older one, which would
+    otherwise overwrite positions the newer one relies on."""
 
     values: list
     length: int
@@ -79,7 +90,10 @@ class DecoderSession:
         threads: int | None = None,
         verify_checksums: bool = False,
         portable: bool = False,
+        full_cache: bool = False,
     ):
+        """`full_cache`: keep every position of window entries too (what the graph reads
+        exactly either way; benchmarks compare the two)."""
         self.dir = Path(artifact_dir)
         self.manifest = Manifest.read(self.dir)
         # Sizes always (cheap, catches truncation); sha256 on request (reads every byte).
@@ -90,27 +104,6 @@ class DecoderSession:
         self.max_length = self.manifest.max_length
         self.eos_ids = tuple(self.config["eos_token_ids"])
         self.pad_id = int(self.config["pad_token_id"])
-        # The cache as the manifest describes it: one entry per past/present pair, each with
-        # its own kv heads and head dim (Gemma 4: fewer entries than layers, two shapes).
-        inputs = self.manifest.io["inputs"]
-        try:
-            self.kv_entries = entries_from_io(self.manifest.io)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ArtifactError(f"{self.dir}: manifest io has a malformed past_key_values entry ({e})") from None
-        if not self.kv_entries:
-            raise ArtifactError(f"{self.dir}: manifest io has no past_key_values.* inputs")
-        self.past_names = kv_names(self.kv_entries, PAST_PREFIX)
-        self.present_names = kv_names(self.kv_entries, PRESENT_PREFIX)
-        # One (kv_heads, head_dim) per past/present tensor, in past_names order.
-        self.kv_shapes = [(e.kv_heads, e.head_dim) for e in self.kv_entries for _ in (0, 1)]
-        # Uniform caches (Gemma 1-3) keep the scalar attributes callers used to read.
-        self.kv_heads, self.head_dim = self.kv_shapes[0]
-        if self.past_names[0] not in inputs or inputs[self.past_names[0]]["dtype"] not in _NP_DTYPES:
-            raise ArtifactError(f"{self.dir}: manifest io has no usable {self.past_names[0]}")
-        self.kv_dtype = _NP_DTYPES[inputs[self.past_names[0]]["dtype"]]
-        # Artifacts from before num_logits_to_keep lack it; they get full logits.
-        self.keeps_logits = KEEP_INPUT in inputs
-
         provider = _parse_provider(provider)
         if provider == Provider.CUDA and not cuda_available():
             raise RuntimeConfigError(
@@ -131,6 +124,28 @@ class DecoderSession:
         # keeps the contract already).
         name = self.manifest.graph_file("cuda" if use_cuda else "cpu", portable=portable)
         self.model_path = model_path = inside_artifact(self.dir, name, f"{self.dir}: graph")
+        io = self.manifest.graph_io(name)
+        # The cache as the manifest describes it for this graph: one entry per past/present
+        # pair, each with its own kv heads and head dim (Gemma 4: fewer entries than layers,
+        # two shapes) and length kind.
+        inputs = io["inputs"]
+        try:
+            self.kv_entries = entries_from_io(io)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ArtifactError(f"{self.dir}: manifest io has a malformed past_key_values entry ({e})") from None
+        if not self.kv_entries:
+            raise ArtifactError(f"{self.dir}: manifest io has no past_key_values.* inputs")
+        self.past_names = kv_names(self.kv_entries, PAST_PREFIX)
+        self.present_names = kv_names(self.kv_entries, PRESENT_PREFIX)
+        # One (kv_heads, head_dim) per past/present tensor, in past_names order.
+        self.kv_shapes = [(e.kv_heads, e.head_dim) for e in self.kv_entries for _ in (0, 1)]
+        # Uniform caches (Gemma 1-3) keep the scalar attributes callers used to read.
+        self.kv_heads, self.head_dim = self.kv_shapes[0]
+        if self.past_names[0] not in inputs or inputs[self.past_names[0]]["dtype"] not in _NP_DTYPES:
+            raise ArtifactError(f"{self.dir}: manifest io has no usable {self.past_names[0]}")
+        self.kv_dtype = _NP_DTYPES[inputs[self.past_names[0]]["dtype"]]
+        # Artifacts from before num_logits_to_keep lack it; they get full logits.
+        self.keeps_logits = KEEP_INPUT in inputs
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / NoSuchFile types
@@ -142,6 +157,10 @@ class DecoderSession:
         self.device = "cuda" if took_cuda else "cpu"
         past = next(i for i in self.session.get_inputs() if i.name == self.past_names[0])
         self.shared_cache = past.shape[2] == CAPACITY
+        # Per past tensor: the newest positions it must keep, None = all (see the docstring).
+        bounded = not (full_cache or self.shared_cache or took_cuda)
+        self.kv_keep: list[int | None] = [e.keep if bounded and e.length == LENGTH_WINDOW else None
+                                          for e in self.kv_entries for _ in (0, 1)]
 
     # -- cache -------------------------------------------------------------------------------
 
@@ -201,11 +220,22 @@ class DecoderSession:
         capacity = max(length, min(length + reserve, self.max_length)) if self.shared_cache else length
         out = []
         for i, (kv, d) in enumerate(self.kv_shapes):
-            buf = np.zeros((sum(counts), kv, capacity, d), self.kv_dtype)
+            keep = self.kv_keep[i]
+            # A window tensor keeps min(length, keep) columns. A row whose cache holds fewer
+            # (its prompt is shorter) is left-padded with zeros where its mask is 0; one that
+            # holds more gives its newest.
+            cols = capacity if keep is None else min(length, keep)
+            end = length if keep is None else cols
+            buf = np.zeros((sum(counts), kv, cols, d), self.kv_dtype)
             b0 = 0
             for c, r, t, span, n in zip(caches, rows, trims, spans, counts):
-                a = c.values[i].numpy()[:, :, t:c.length]  # [B_c, kv, span, D]; a host copy on CUDA too
-                buf[b0:b0 + n, :, length - span:length] = a if r is None else a[np.asarray(r, np.int64)]
+                if keep is None:
+                    a = c.values[i].numpy()[:, :, t:c.length]  # [B_c, kv, span, D]; a host copy on CUDA too
+                else:
+                    held = c.values[i].shape()[2]  # the newest `held` of c's positions
+                    m = min(held, span, cols)
+                    a = c.values[i].numpy()[:, :, held - m:held]
+                buf[b0:b0 + n, :, end - a.shape[2]:end] = a if r is None else a[np.asarray(r, np.int64)]
                 b0 += n
             out.append(self._to_device(buf))
         if self.shared_cache:
@@ -239,7 +269,7 @@ class DecoderSession:
             self.session.run_with_iobinding(binding)
             del held
             outputs = binding.get_outputs()
-            return outputs[0].numpy(), KVCache(list(outputs[1:]), total)
+            return outputs[0].numpy(), KVCache(self._bound(list(outputs[1:])), total)
         if cache.length and input_ids.shape[0] > 1 and input_ids.shape[1] > 1:
             # GroupQueryAttention takes several new tokens onto a filled cache only at batch
             # 1; a batch feeds them one position at a time (the same numbers).
@@ -266,6 +296,14 @@ class DecoderSession:
         del held
         chain.filled = total
         return logits, KVCache(values, total, chain)
+
+    def _bound(self, values: list) -> list:
+        """Window tensors past 2 * keep positions cut back to their newest `keep` (CPU only:
+        kv_keep is all None elsewhere)."""
+        for i, keep in enumerate(self.kv_keep):
+            if keep is not None and values[i].shape()[2] >= 2 * keep:
+                values[i] = self._to_device(values[i].numpy()[:, :, -keep:])
+        return values
 
     def _one_at_a_time(self, input_ids, attention_mask, position_ids, cache, last_only):
         rows = []

@@ -153,6 +153,7 @@ def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifact
     assert m["kv_cache"] == "shared" and m["portable_model_file"] == "model.portable.onnx"
     assert m["provider_model_files"] == {"cuda": "model.portable.onnx"}  # verified on CPU only
     assert m["io"] == io_spec(cfg, kv_cache="shared")
+    assert m["portable_io"] == io_spec(cfg)  # the sibling's own contract: sliding entries are windows
     assert m["data_file"] == "onnx/model_q4.onnx_data"  # transformers.js's q4 file holds the weights
     assert set(m["files"]) >= {"model.onnx", "model.portable.onnx", m["data_file"], "onnx/model_q4.onnx"}
     fused, portable = (onnx.load(str(out / f), load_external_data=False) for f in ("model.onnx", "model.portable.onnx"))
@@ -175,6 +176,8 @@ def test_fused_graph_shares_the_cache_and_ships_a_portable_sibling(tiny_artifact
     assert not inline  # every weight is read from the one data file
     a, b = DecoderSession(out, provider="cpu"), DecoderSession(out, provider="cpu", portable=True)
     assert a.shared_cache and not b.shared_cache
+    window = [cfg.sliding_window - 1 if t == "sliding_attention" else None for t in m["layer_types"] for _ in (0, 1)]
+    assert a.kv_keep == [None] * len(window) and b.kv_keep == window  # the fused graph keeps every position
     rng = np.random.default_rng(3)
     seqs = [[2] + rng.integers(4, cfg.vocab_size, 22).tolist() for _ in range(3)]
     got = np.concatenate(onnx_ragged_batch(a, seqs, [17, 9, 3], steps=5))
