@@ -145,7 +145,7 @@ def forward_chunked(sess: DecoderSession, ids: np.ndarray, mask: np.ndarray, pos
     [B, 1, V] with `last_only`."""
     if chunk < 1:
         raise RuntimeConfigError(f"prefill chunk must be >= 1, got {chunk}")
-    S, past = ids.shape[1], cache.length
+    S, past = ids.shape[1], sess.cache_length(cache)
     rows = []
     for start in range(0, S, chunk):
         end = min(S, start + chunk)
