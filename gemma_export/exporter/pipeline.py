@@ -36,6 +36,14 @@ from gemma_export.runtime.manifest import Manifest, Source, write_json
 from gemma_export.runtime.session import DecoderSession
 
 
+def export_graph(ckpt: Checkpoint, d: Path) -> None:
+    """Trace a checkpoint into d/MODEL_FILE (+ DATA_FILE): presets without the model in memory."""
+    if ckpt.weights is not None:
+        export_onnx_streamed(ckpt.config, ckpt.weights, d)
+    else:
+        export_onnx(ckpt.model, d)
+
+
 def tokenizer_bytes(ckpt: Checkpoint) -> bytes | None:
     """tokenizer.model for the artifact: copied from an HF directory, built from a GGUF
     vocabulary, or a small byte-level one for random-weight presets (so tiny artifacts
@@ -189,10 +197,7 @@ def run_export(
     def trace(d: Path) -> Path:
         d.mkdir(exist_ok=True)
         with progress.stage("tracing to ONNX"):
-            if ckpt.weights is not None:  # presets: never the whole model in memory
-                export_onnx_streamed(cfg, ckpt.weights, d)
-            else:
-                export_onnx(ckpt.model, d)
+            export_graph(ckpt, d)
         return d / MODEL_FILE
 
     manifest, report = _build(

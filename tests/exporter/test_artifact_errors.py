@@ -61,9 +61,9 @@ def leftovers(out: Path) -> list[str]:
 
 
 def copying_export(src: Path):
-    """A stand-in for export_onnx that copies an already traced graph (saves ~10 s of tracing)."""
+    """A stand-in for pipeline.export_graph that copies an already traced graph (saves ~10 s of tracing)."""
 
-    def fake(model, out_dir):
+    def fake(ckpt, out_dir):
         import onnx
 
         # As the tracer writes it: the weights in DATA_FILE beside the graph.
@@ -117,14 +117,14 @@ def test_out_is_a_file(tmp_path):
 
 def test_missing_parents_are_created_and_removed_on_failure(tmp_path, monkeypatch, exported):
     out = tmp_path / "no" / "such" / "out"
-    def failing(model, out_dir):
+    def failing(ckpt, out_dir):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pipeline, "export_onnx", failing)
+    monkeypatch.setattr(pipeline, "export_graph", failing)
     with pytest.raises(RuntimeError):
         export_artifact(PRESET, out, verify=False)
     assert not (tmp_path / "no").exists()  # nothing half-made left behind
-    monkeypatch.setattr(pipeline, "export_onnx", copying_export(exported))
+    monkeypatch.setattr(pipeline, "export_graph", copying_export(exported))
     export_artifact(PRESET, out, verify=False)
     assert (out / "manifest.json").is_file()
 
@@ -152,7 +152,7 @@ def test_cannot_create_staging_dir(tmp_path, monkeypatch, exported):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(art.tempfile, "mkdtemp", deny)
-    monkeypatch.setattr(pipeline, "export_onnx", copying_export(exported))
+    monkeypatch.setattr(pipeline, "export_graph", copying_export(exported))
     out = tmp_path / "out"
     with pytest.raises(ExportError) as e:
         export_artifact(PRESET, out, verify=False)
@@ -168,9 +168,9 @@ def _raise_in(stage: str, exc: BaseException, exported: Path, monkeypatch) -> li
     calls: list[str] = []
     copy = copying_export(exported)
 
-    def export_then_raise(model, out_dir):
+    def export_then_raise(ckpt, out_dir):
         calls.append("export_onnx")
-        copy(model, out_dir)  # half an artifact is on disk when it fails
+        copy(ckpt, out_dir)  # half an artifact is on disk when it fails
         raise exc
 
     def verify_raise(*a, **k):
@@ -178,9 +178,9 @@ def _raise_in(stage: str, exc: BaseException, exported: Path, monkeypatch) -> li
         raise exc
 
     if stage == "export_onnx":
-        monkeypatch.setattr(pipeline, "export_onnx", export_then_raise)
+        monkeypatch.setattr(pipeline, "export_graph", export_then_raise)
     else:
-        monkeypatch.setattr(pipeline, "export_onnx", copy)
+        monkeypatch.setattr(pipeline, "export_graph", copy)
         monkeypatch.setattr(pipeline, "verify_artifact", verify_raise)
     return calls
 
