@@ -43,6 +43,33 @@ _SPECIAL_MARKUP = {3: ("<start_of_turn>", "<end_of_turn>"), 4: ("<|turn>", "<tur
 def _markup(family: int) -> tuple[str, str]:
     return _SPECIAL_MARKUP[4 if family >= 4 else 3]
 
+# What both families' templates do per message: roles must alternate, `assistant` is written
+# `model` (_TURN_ROLE), and the content is a string or a list of text parts, trimmed (_TURN_CONTENT).
+_TURN_ROLE = (
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}"
+    "{%- set role = \"model\" -%}"
+    "{%- else -%}"
+    "{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+)
+_TURN_CONTENT = (
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception(\"Invalid content type\") }}"
+    "{%- endif -%}"
+)
+
 # Gemma 3's chat template (google/gemma-3-*-it tokenizer_config.json), text-only: the same format
 # runtime/tokenizer.format_chat writes (tests compare the two).
 CHAT_TEMPLATE = (
@@ -58,27 +85,9 @@ CHAT_TEMPLATE = (
     "{%- set first_user_prefix = \"\" -%}"
     "{%- set loop_messages = messages -%}"
     "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
-    "{%- endif -%}"
-    "{%- if (message['role'] == 'assistant') -%}"
-    "{%- set role = \"model\" -%}"
-    "{%- else -%}"
-    "{%- set role = message['role'] -%}"
-    "{%- endif -%}"
+    + _TURN_ROLE +
     "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] | trim }}"
-    "{%- elif message['content'] is iterable -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'text' -%}"
-    "{{ item['text'] | trim }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- else -%}"
-    "{{ raise_exception(\"Invalid content type\") }}"
-    "{%- endif -%}"
+    + _TURN_CONTENT +
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
@@ -101,27 +110,9 @@ CHAT_TEMPLATE_GEMMA4 = (
     "{%- else -%}"
     "{%- set loop_messages = messages -%}"
     "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
-    "{%- endif -%}"
-    "{%- if (message['role'] == 'assistant') -%}"
-    "{%- set role = \"model\" -%}"
-    "{%- else -%}"
-    "{%- set role = message['role'] -%}"
-    "{%- endif -%}"
+    + _TURN_ROLE +
     "{{ '<|turn>' + role + '\n' }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] | trim }}"
-    "{%- elif message['content'] is iterable -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'text' -%}"
-    "{{ item['text'] | trim }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- else -%}"
-    "{{ raise_exception(\"Invalid content type\") }}"
-    "{%- endif -%}"
+    + _TURN_CONTENT +
     "{{ '<turn|>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
