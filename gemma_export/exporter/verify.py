@@ -333,8 +333,14 @@ def verify_artifact(
         metrics.append(Metric("logits max abs diff", max_abs, th.max_abs_diff, "<="))
     if th.rel_l2 is not None:
         metrics.append(Metric("logits relative L2", rel, th.rel_l2, "<="))
+    # The greedy steps judge top-1 where they are all there is (no corpus: presets) and where
+    # the row asks for identity (fp32). Below identity, one of 192 steps is half of fp16's
+    # tolerance, so the row would judge the GEMM kernels' summation order; the corpus and the
+    # held-out domains, 40x the tokens, carry the threshold (docs/design.md "Parity").
+    greedy_judged = corpus_encode is None or th.top1_agreement >= 1.0
     metrics += [
-        Metric(f"greedy top-1 agreement ({total} steps)", agree / max(total, 1), th.top1_agreement, ">="),
+        Metric(f"greedy top-1 agreement ({total} steps)", agree / max(total, 1),
+               th.top1_agreement if greedy_judged else None, ">=" if greedy_judged else "info"),
         Metric("non-finite logits", nonfinite, 0, "<="),
         *_consistency("prefill+decode vs one forward", incr, incr_agree / max(incr_total, 1), th),
         *_consistency("ragged batch vs alone", batch_rel, batch_agree, th),
