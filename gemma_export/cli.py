@@ -290,7 +290,8 @@ def generate(
 @app.command()
 def bench(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (tokens of the shipped corpus).")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(
+        help="Prompt length (tokens of the shipped corpus, repeated past its end).")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens decoded.")] = 128,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = 2,
     provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "cpu",

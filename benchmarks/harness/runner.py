@@ -280,7 +280,7 @@ class Runner:
         payload = {
             "artifact": str(artifact), "prompt_ids": prompt, "new_tokens": self.args.new_tokens,
             "threads": self.args.threads, "repeats": self.args.repeats, "reference": reference,
-            "system": system.name,
+            "system": system.name, "portable": system.portable,
         }
 
         def run_once(attempt: int, quiet: dict) -> dict:

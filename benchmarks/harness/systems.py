@@ -71,6 +71,7 @@ class System:
     label: str  # the table's system column
     compare_to: tuple[str, ...] = ()  # the rows this row is divided by (ours: its peers)
     artifact_of: str | None = None  # runs another system's artifact (ours in genai's loop)
+    portable: bool = False  # ours: the contract-exact graph (its sliding layers' cache bounded on CPU)
 
 
 SYSTEMS: tuple[System, ...] = (

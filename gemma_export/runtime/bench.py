@@ -24,10 +24,12 @@ from gemma_export.runtime.generate import decode_one_token, load_generator, pref
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
-    """The first n tokens of the corpus, <bos> first."""
-    ids = tokenizer.encode(CORPUS.read_text(encoding="utf-8"), add_bos=True)
+    """The first n tokens of the corpus, <bos> first; past its end, the corpus again after a
+    blank line, as often as n needs (long-context runs: 32k tokens is the 270M's context)."""
+    text = CORPUS.read_text(encoding="utf-8")
+    ids = tokenizer.encode(text, add_bos=True)
     if len(ids) < n:
-        raise RuntimeConfigError(f"--prompt-tokens {n}: the corpus has only {len(ids)} tokens")
+        ids = tokenizer.encode("\n\n".join([text] * (n // len(ids) + 1)), add_bos=True)
     return ids[:n]
 
 

@@ -225,3 +225,18 @@ def test_bench_reports_speed_and_greedy_tokens(tiny_artifacts):
     ids = prompt_ids(gen.tokenizer, 16)
     alone = generate_ids(gen.session, [ids], SamplingConfig(max_new_tokens=8, ignore_eos=True))
     assert res["greedy_tokens"] == alone.tokens[0]
+
+
+def test_bench_prompt_repeats_the_corpus_past_its_end():
+    """Long-context runs ask for more tokens than the corpus has: the corpus again, <bos> once."""
+    from gemma_export.contract import CORPUS
+    from gemma_export.exporter.tokenizer_source import preset_tokenizer
+    from gemma_export.runtime.bench import prompt_ids
+    from gemma_export.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_bytes(preset_tokenizer(1024, 3))
+    whole = tok.encode(CORPUS.read_text(encoding="utf-8"), add_bos=True)
+    long = prompt_ids(tok, 2 * len(whole) + 5)
+    assert len(long) == 2 * len(whole) + 5 and long[: len(whole)] == whole
+    assert long.count(whole[0]) == 1  # <bos> once, first
+    assert prompt_ids(tok, 10) == whole[:10]

@@ -14,10 +14,11 @@ def task_measure_ours(a: dict) -> dict:
     from gemma_export.runtime.generate import decode_one_token, load_generator, prefill
 
     ids = a["prompt_ids"]
+    portable = bool(a.get("portable"))
     res = bench_artifact(a["artifact"], prompt_tokens=len(ids), new_tokens=a["new_tokens"], threads=a["threads"],
-                         repeats=a["repeats"])
+                         repeats=a["repeats"], portable=portable)
     rss = res["peak_rss_bytes"]
-    gen = load_generator(a["artifact"], provider="cpu", threads=a["threads"])
+    gen = load_generator(a["artifact"], provider="cpu", threads=a["threads"], portable=portable)
     if prompt_ids(gen.tokenizer, len(ids)) != ids:
         raise RuntimeError("the artifact's tokenizer gives another prompt than the shared ids")
     state = None
@@ -35,4 +36,5 @@ def task_measure_ours(a: dict) -> dict:
     tf = teacher_forced(prefill_, feed, a["reference"])
     return {"prefill_s": res["prefill_seconds"], "decode_tps": res["decode_tokens_per_second"],
             "tokens": res["greedy_tokens"], "tf_argmax": tf, "peak_rss_bytes": rss,
+            "graph": res["graph"], "kv_cache": res["kv_cache"],
             "versions": versions("gemma-export", "onnxruntime", "numpy")}
