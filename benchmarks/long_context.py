@@ -105,8 +105,9 @@ def write_report(report: dict, path: Path, chart: Path) -> None:
             sysd = SYSTEMS[name]
             if s is None:
                 why = report["failures"].get(name) or next(
-                    (r.get("error", "") for r in res.get(name, {}).get(str(n), []) if not r.get("ok")), "not run")
-                lines.append(f"| {n} | {sysd.label} | {sysd.precision} | failed: {why} | | |")
+                    (r.get("error", "") for r in res.get(name, {}).get(str(n), []) if not r.get("ok")), "")
+                lines.append(f"| {n} | {sysd.label} | {sysd.precision} | {f'failed: {why}' if why else 'not run'} "
+                             "| | |")
                 continue
             lo, hi = s["decode_range"]
             rng = f" ({lo:.1f}-{hi:.1f})" if s["rounds"] > 1 else ""
@@ -170,7 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chart", type=Path, default=HERE / "long_context.png", help="chart to write")
     add_quiet_options(ap, "measurement")
     ap.add_argument("--run-timeout", type=float, default=3600, help="longest one measurement process may run (s)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite --results and --chart from --work-dir/long_context.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        src = args.work_dir / "long_context.json"
+        if not src.is_file():
+            ap.error(f"--report-only: {src} not found (run the benchmark first)")
+        write_report(json.loads(src.read_text()), args.results.resolve(), args.chart.resolve())
+        log(f"wrote {args.results} and {args.chart} from {src}")
+        return 0
     if min(args.threads, args.new_tokens, args.rounds, args.repeats, *args.contexts) < 1:
         ap.error("--threads, --new-tokens, --rounds, --repeats and --contexts must be >= 1")
     if max(prompt_length(n, args.new_tokens) + args.new_tokens for n in args.contexts) > CONTEXT:
@@ -208,30 +218,35 @@ def main(argv: list[str] | None = None) -> int:
         except StepFailed as e:
             runner.failures[s.name] = f"prepare failed: {e}"
 
+    command = "python benchmarks/long_context.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     results: dict[str, dict[str, list[dict]]] = {}
+
+    def save() -> None:
+        """The report so far, after every measurement: a run stopped early keeps what it measured."""
+        report = {
+            "results": results, "failures": runner.failures,
+            "meta": {"contexts": contexts, "systems": [s.name for s in systems], "new_tokens": args.new_tokens,
+                     "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+                     "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                     "machine": machine_line(), "command": command.strip(), "wall_s": time.time() - t_start},
+        }
+        (runner.work / "long_context.json").write_text(json.dumps(report, indent=1))
+        write_report(report, args.results.resolve(), args.chart.resolve())
+
     for rnd in range(1, args.rounds + 1):
         for n in contexts:
             for s, path in ready:
                 log(f"round {rnd}/{args.rounds}, context {n}: {s.name}")
                 try:
-                    res = runner.measure(s, path, prompts[n], None, rnd) | {"ok": True}
+                    res = runner.measure(s, path, prompts[n], None, rnd, tag=f"-c{n}") | {"ok": True}
                     log(f"  prefill {res['prefill_s']:.2f} s, decode {res['decode_tps']:.1f} tok/s, "
                         f"RSS {fmt_bytes(res['peak_rss_bytes'])}")
                 except StepFailed as e:
                     res = {"ok": False, "error": str(e)}
                     log(f"  failed: {e}")
                 results.setdefault(s.name, {}).setdefault(str(n), []).append(res)
-
-    command = "python benchmarks/long_context.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report = {
-        "results": results, "failures": runner.failures,
-        "meta": {"contexts": contexts, "systems": [s.name for s in systems], "new_tokens": args.new_tokens,
-                 "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
-                 "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_line(),
-                 "command": command.strip(), "wall_s": time.time() - t_start},
-    }
-    (runner.work / "long_context.json").write_text(json.dumps(report, indent=1))
-    write_report(report, args.results.resolve(), args.chart.resolve())
+                save()
+    save()
     log(f"wrote {args.results} and {args.chart}")
     return 0
 

@@ -273,7 +273,7 @@ class Runner:
                 "waited_s": round(waited)}
 
     def measure(self, system: System, artifact: Path, prompt: list[int], reference: list[int] | None,
-                round_no: int) -> dict:
+                round_no: int, tag: str = "") -> dict:
         """One round of one system. The CPU time other processes took while it ran is
         measured too (all CPU time minus the worker's own); a round that shared the CPUs
         with other work is run again (--retries), the least disturbed one is kept."""
@@ -286,7 +286,7 @@ class Runner:
         def run_once(attempt: int, quiet: dict) -> dict:
             t0, i0, c0, w0 = *_cpu_times(), _children_cpu(), time.time()
             res = self.run_task(system.venv, f"measure_{system.family}", payload,
-                                f"measure-{system.name}-r{round_no}", timeout=self.args.run_timeout)
+                                f"measure-{system.name}{tag}-r{round_no}", timeout=self.args.run_timeout)
             t1, i1, c1, w1 = *_cpu_times(), _children_cpu(), time.time()
             all_busy = ((t1 - t0) - (i1 - i0)) / os.sysconf("SC_CLK_TCK")
             res.update(quiet, other_cores_during=round(max(0.0, all_busy - (c1 - c0)) / (w1 - w0), 2),
