@@ -18,9 +18,10 @@ demo: $(BIN)/gemma-export
 	$(BIN)/gemma-export export --out $(ART) --force
 	$(BIN)/gemma-export generate $(ART) "The capital of France is" --max-new-tokens 24
 
-# The whole test suite: tiny presets and the real Gemma 3 270M.
-test: $(BIN)/gemma-export
-	$(BIN)/python -m pytest -q -ra
+# The whole test suite: the fast tier first (a mistake fails in a minute), then the rest
+# (artifact fixtures, the server, the real Gemma 3 270M and the three other runtimes).
+test: test-fast
+	$(BIN)/python -m pytest -q -ra -m "real or slow" -p no:cacheprovider
 
 # The tier to run while working: tiny presets only, no real model, no slow checks.
 test-fast: $(BIN)/gemma-export
