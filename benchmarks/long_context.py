@@ -39,7 +39,6 @@ from pathlib import Path
 from harness.report import fmt_bytes
 from harness.runner import DEV_PY, HERE, Runner, StepFailed, add_quiet_options, log, machine_line
 from harness.systems import BY_NAME, System
-from harness.workers import run_task
 
 CONTEXT = 32768  # Gemma 3 270M's max_position_embeddings
 
@@ -193,18 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args)
     log(f"systems: {', '.join(s.name for s in systems)}; contexts {contexts}; work dir {runner.work}")
 
-    for venv in dict.fromkeys(s.venv for s in systems if s.venv != "dev"):
-        if args.skip_install and runner.python(venv).exists():
-            continue
-        try:
-            if args.skip_install:
-                raise StepFailed("install skipped (--skip-install) and no venv found")
-            runner.install(venv)
-        except StepFailed as e:
-            for s in systems:
-                if s.venv == venv:
-                    runner.failures[s.name] = f"install failed: {e}"
-
+    runner.install_venvs(systems)
     prompts = {}
     for n in contexts:
         prompts[n] = runner.run_task("dev", "prompt_ids", {"n": prompt_length(n, args.new_tokens)},
@@ -252,6 +240,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_task":
-        sys.exit(run_task(sys.argv[2:]))
     sys.exit(main())

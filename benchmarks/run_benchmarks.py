@@ -93,19 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"systems: {', '.join(s.name for s in systems)}; work dir {runner.work}")
 
     # 1. Install each peer's venv (a failure fails that venv's systems).
-    for venv in dict.fromkeys(s.venv for s in systems if s.venv != "dev"):
-        if args.skip_install:
-            if not runner.python(venv).exists():
-                for s in systems:
-                    if s.venv == venv:
-                        runner.failures[s.name] = "install skipped (--skip-install) and no venv found"
-            continue
-        try:
-            runner.install(venv)
-        except StepFailed as e:
-            for s in systems:
-                if s.venv == venv:
-                    runner.failures[s.name] = f"install failed: {e}"
+    runner.install_venvs(systems)
 
     # 2. The prompt and the reference tokens (transformers fp32), once, cached.
     prompt: list[int] = []

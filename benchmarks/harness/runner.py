@@ -108,6 +108,24 @@ class Runner:
             raise StepFailed(f"exit {p.returncode}: {one_line(out)}")
         return out
 
+    def install_venvs(self, systems) -> None:
+        """Install the peers' venvs the systems run in (with --skip-install, only check they
+        exist); a venv that fails fails its systems, with the reason in `failures`."""
+        for venv in dict.fromkeys(s.venv for s in systems if s.venv != "dev"):
+            reason = None
+            if self.args.skip_install:
+                if not self.python(venv).exists():
+                    reason = "install skipped (--skip-install) and no venv found"
+            else:
+                try:
+                    self.install(venv)
+                except StepFailed as e:
+                    reason = f"install failed: {e}"
+            if reason:
+                for s in systems:
+                    if s.venv == venv:
+                        self.failures[s.name] = reason
+
     def install(self, name: str) -> None:
         spec = VENVS[name]
         py = self.python(name)
