@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/profile_decode.py ARTIFACT_DIR [...] [--steps 64] [--portable]
     benchmarks/.work/venvs/genai/bin/python benchmarks/profile_decode.py --genai GENAI_DIR [...]
 
-Prefills the benchmark prompt (the first 128 tokens of the shipped corpus, `<bos>` first),
+Prefills the benchmark prompt (the first --prompt-tokens of the shipped corpus, repeated
+past its end, `<bos>` first; our runtime prefills in chunks, none of them counted),
 then runs `--steps` single-token greedy decode steps with the profiler on (CPU provider,
 2 threads), and prints per op type the mean kernel time per decode step and its share of
 the step, and the time per step outside kernels. The prompt's run is not counted.
@@ -34,11 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "gemma_export" / "exporter" / "data" / "eval_corpus.txt"
 
 
-def summarise(trace_file: str) -> tuple[dict[str, float], float, int]:
+def summarise(trace_file: str, prompt_runs: int = 1) -> tuple[dict[str, float], float, int]:
     """({op type: mean microseconds per decode step}, mean microseconds per step, nodes run
-    per step) from a profile, the first model_run (the prompt) left out."""
+    per step) from a profile, the first `prompt_runs` model_runs (the prompt's) left out."""
     trace = json.loads(Path(trace_file).read_text())
-    runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])[1:]
+    runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])[prompt_runs:]
     start = runs[0]["ts"]
     per_op: dict[str, float] = collections.defaultdict(float)
     kernels = 0
@@ -49,13 +50,14 @@ def summarise(trace_file: str) -> tuple[dict[str, float], float, int]:
     return dict(per_op), sum(r["dur"] for r in runs) / len(runs), kernels // len(runs)
 
 
-def profile_ours(artifact: Path, n_prompt: int, steps: int, threads: int, portable: bool) -> str:
+def profile_ours(artifact: Path, n_prompt: int, steps: int, threads: int, portable: bool) -> tuple[str, int]:
+    """(trace file, model_runs of the prompt: its chunks)."""
     import numpy as np
     import onnxruntime as ort
 
     sys.path.insert(0, str(REPO))
     from gemma_export.runtime.bench import prompt_ids
-    from gemma_export.runtime.generate import decode_one_token, load_generator, prefill
+    from gemma_export.runtime.generate import PREFILL_CHUNK, decode_one_token, load_generator, prefill
     from gemma_export.runtime.session import DecoderSession
 
     gen = load_generator(artifact, provider="cpu", threads=threads)
@@ -69,10 +71,10 @@ def profile_ours(artifact: Path, n_prompt: int, steps: int, threads: int, portab
     state = prefill(sess, [prompt_ids(gen.tokenizer, n_prompt)], capacity=n_prompt + steps + 1)
     for _ in range(steps):
         state = decode_one_token(sess, state, np.array([int(np.argmax(state.logits[0]))]))
-    return sess.session.end_profiling()
+    return sess.session.end_profiling(), -(-n_prompt // PREFILL_CHUNK)
 
 
-def profile_genai(artifact: Path, n_prompt: int, steps: int, threads: int) -> str:
+def profile_genai(artifact: Path, n_prompt: int, steps: int, threads: int) -> tuple[str, int]:
     import onnxruntime_genai as og
 
     out = Path(tempfile.mkdtemp())
@@ -92,7 +94,7 @@ def profile_genai(artifact: Path, n_prompt: int, steps: int, threads: int) -> st
     cwd = os.getcwd()
     del g, params, model  # the profile is written when the session closes
     found = sorted(glob.glob(str(out / "decode*.json"))) or sorted(glob.glob(os.path.join(cwd, "decode*.json")))
-    return found[-1]
+    return found[-1], 1
 
 
 def main() -> None:
@@ -106,9 +108,9 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{args.threads} threads, prompt {args.prompt_tokens} tokens, {args.steps} decode steps profiled")
     for a in args.artifacts:
-        trace = (profile_genai(a, args.prompt_tokens, args.steps, args.threads) if args.genai
-                 else profile_ours(a, args.prompt_tokens, args.steps, args.threads, args.portable))
-        per_op, step_us, nodes = summarise(trace)
+        trace, prompt_runs = (profile_genai(a, args.prompt_tokens, args.steps, args.threads) if args.genai
+                              else profile_ours(a, args.prompt_tokens, args.steps, args.threads, args.portable))
+        per_op, step_us, nodes = summarise(trace, prompt_runs)
         Path(trace).unlink()
         kernels = sum(per_op.values())
         print(f"\n{a}: {step_us / 1000:.2f} ms per decode step (model_run), {nodes} nodes, "
