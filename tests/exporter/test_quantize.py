@@ -341,20 +341,44 @@ BF16_MISS = (
 )
 
 
-# Held-out domains a recipe misses, measured (docs/design.md, "Outlier channels"); each is
-# a strict xfail below, and the recipe's other rows must all pass.
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo", encoding="ascii", errors="replace"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# MatMulNBits' int8-activation kernels differ by CPU: where ONNX Runtime takes its AVX-512
+# VNNI path the held-out rows come out differently from the AVX2 path (docs/design.md,
+# "Outlier channels": gguf Russian 94.78% on an AMD EPYC with avx512_vnni, 96.2% on one
+# without), so a miss can hold on one kind of CPU only.
+AVX512_VNNI = "avx512_vnni" in _cpu_flags()
+
+# Held-out domains a recipe misses, measured (docs/design.md, "Outlier channels"): (reason,
+# whether it applies on this CPU). Each is a strict xfail below where it applies (so it
+# fails the day it passes), a plain test elsewhere, and the recipe's other rows must pass.
 HELDOUT_MISSES = {
     ("int8", "russian"): (
         "Known miss, measured: int8 (RTN weights, outlier channels at ratio 4, MatMulNBits blocks of 16) keeps "
-        "94.8% top-1 on the 479-token Russian held-out text (KL from fp32 0.0034; 93.5% / 0.0051 with blocks of "
-        "32, 93.7% / 0.0077 before the outlier channels), under the 95% of docs/design.md; the other six domains "
-        "95.8-98.3%. strict: update when it passes."
+        "94.8% (AVX2) / 94.99% (AVX-512 VNNI) top-1 on the 479-token Russian held-out text (KL from fp32 "
+        "0.0034; 93.5% / 0.0051 with blocks of 32, 93.7% / 0.0077 before the outlier channels), under the 95% "
+        "of docs/design.md; the other six domains 95.8-98.3%. strict: update when it passes.",
+        True,
+    ),
+    ("gguf", "russian"): (
+        "Known miss on CPUs with AVX-512 VNNI, measured: the gguf recipe keeps 94.78% top-1 (454 of 479) on the "
+        "Russian held-out text on an AMD EPYC (Zen 4) where ONNX Runtime's int8-activation kernels take the "
+        "AVX-512 VNNI path, 96.2% on the AVX2-only host it was tuned on. strict: update when it passes.",
+        AVX512_VNNI,
     ),
 }
 
 
 def _known_misses(precision: str) -> set[str]:
-    return {d for p, d in HELDOUT_MISSES if p == precision}
+    return {d for (p, d), (_, applies) in HELDOUT_MISSES.items() if p == precision and applies}
 
 
 @pytest.mark.real
@@ -377,8 +401,8 @@ def _heldout_cases():
 
     for p in ("int8", "gguf"):
         for d in HELDOUT_DOMAINS:
-            reason = HELDOUT_MISSES.get((p, d))
-            yield pytest.param(p, d, marks=[pytest.mark.xfail(strict=True, reason=reason)] if reason else [])
+            reason, applies = HELDOUT_MISSES.get((p, d), (None, False))
+            yield pytest.param(p, d, marks=[pytest.mark.xfail(strict=True, reason=reason)] if applies else [])
 
 
 @pytest.mark.real
