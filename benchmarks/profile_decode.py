@@ -7,7 +7,7 @@ Prefills the benchmark prompt (the first --prompt-tokens of the shipped corpus, 
 past its end, `<bos>` first; our runtime prefills in chunks, none of them counted),
 then runs `--steps` single-token greedy decode steps with the profiler on (CPU provider,
 2 threads), and prints per op type the mean kernel time per decode step and its share of
-the step, and the time per step outside kernels. The prompt's run is not counted.
+the step, and the time per step outside kernels.
 
 Our artifacts run through the runtime itself (gemma_export.runtime: IO binding, the KV
 cache as the artifact's layout wants it), so the profile is of the path `generate` and

@@ -64,8 +64,8 @@ def task_measure_genai(a: dict) -> dict:
         "intra_op_num_threads": th, "inter_op_num_threads": 1}}}}))
     model = og.Model(config)
     load_s = time.perf_counter() - t0
-    decoder = json.loads((Path(a["artifact"]) / "genai_config.json").read_text())["model"]
-    context = decoder.get("context_length", 0)
+    model_cfg = json.loads((Path(a["artifact"]) / "genai_config.json").read_text())["model"]
+    context = model_cfg.get("context_length", 0)
     # n forwards after the prefill put len(ids) + n + 1 tokens in the sequence (the last
     # forward's pick included); a run that fills the whole context (prompt + n = context,
     # long_context.py's 32k row) has room for n - 1 forwards only, and is timed on those.
@@ -73,7 +73,7 @@ def task_measure_genai(a: dict) -> dict:
     total = len(ids) + forwards + 1
     # The builder's sliding-window GroupQueryAttention refuses a KV cache shorter than the
     # window (512), so max_length is at least the window; the loops stop after n tokens.
-    window = decoder["decoder"].get("sliding_window", {}).get("window_size", 0)
+    window = model_cfg["decoder"].get("sliding_window", {}).get("window_size", 0)
 
     def new_generator():
         params = og.GeneratorParams(model)
@@ -88,7 +88,8 @@ def task_measure_genai(a: dict) -> dict:
         t1 = time.perf_counter()
         for _ in range(forwards + 1):
             # The first call picks token 1 from the prefill's logits; each later call runs one
-            # decode forward and picks the next: n forwards, like the other systems' loops.
+            # decode forward and picks the next: `forwards` of them (n but at the context's end),
+            # like the other systems' loops.
             g.generate_next_token()
         t2 = time.perf_counter()
         seq = list(g.get_sequence(0))
