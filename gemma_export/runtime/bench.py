@@ -53,6 +53,7 @@ def bench_artifact(
     ids = prompt_ids(gen.tokenizer, prompt_tokens)
     prefills, decodes, tokens = [], [], None
     for r in range(repeats + 1):  # run 0 warms up (allocations, kernels' first touch)
+        state = None  # the last run's cache goes before this one's is built: peak RSS is one run's
         t0 = time.perf_counter()
         state = prefill(sess, [ids], capacity=prompt_tokens + new_tokens)
         t1 = time.perf_counter()

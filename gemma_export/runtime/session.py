@@ -60,20 +60,25 @@ def cuda_available() -> bool:
 
 @dataclass
 class _Chain:
-    """What the caches of one shared-layout chain (the same buffers) have in common: the
-    positions written so far, and the IO binding that keeps the buffers bound."""
+    """What the caches of one chain (the same buffers) have in common: the positions
+    written so far, and (shared layout) the IO binding that keeps the buffers bound or
+    (concat layout on CPU) the host buffers behind `values` and the spare ones the next
+    step writes its presents into."""
 
     filled: int = 0
     binding: Any = None
+    buffers: list | None = None
+    spare: list | None = None
 
 
 @dataclass
 class KVCache:
     """The KV cache of one batch: `values` (past_key_values.* order) hold `length`
     positions (a bounded window tensor only its newest ones: DecoderSession.kv_keep). A
-    shared-layout cache is advanced in place, so only the newest cache of a chain may be
-    fed to the next step; `_chain.filled` catches reuse of an older one, which would
-    otherwise overwrite positions the newer one relies on."""
+    shared-layout cache is advanced in place, and a concat-layout cache on CPU lends its
+    buffers to the step after next, so only the newest cache of a chain may be fed to the
+    next step; `_chain.filled` catches reuse of an older one, which would otherwise
+    overwrite positions the newer one relies on."""
 
     values: list
     length: int
@@ -261,15 +266,17 @@ class DecoderSession:
         if not self.shared_cache:
             binding = self.session.io_binding()
             held = self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
-            binding.bind_output("logits", self.device)  # first: outputs[0]
             for name, v in zip(self.past_names, cache.values):
                 binding.bind_ortvalue_input(name, v)
-            for name in self.present_names:
-                binding.bind_output(name, self.device)
-            self.session.run_with_iobinding(binding)
-            del held
-            outputs = binding.get_outputs()
-            return outputs[0].numpy(), KVCache(self._bound(list(outputs[1:])), total)
+            if self.device != "cpu":
+                binding.bind_output("logits", self.device)  # first: outputs[0]
+                for name in self.present_names:
+                    binding.bind_output(name, self.device)
+                self.session.run_with_iobinding(binding)
+                del held
+                outputs = binding.get_outputs()  # kv_keep is all None off the CPU: nothing to cut
+                return outputs[0].numpy(), KVCache(list(outputs[1:]), total)
+            return self._forward_host(binding, held, input_ids, last_only, cache, total)
         if cache.length and input_ids.shape[0] > 1 and input_ids.shape[1] > 1:
             # GroupQueryAttention takes several new tokens onto a filled cache only at batch
             # 1; a batch feeds them one position at a time (the same numbers).
@@ -289,21 +296,56 @@ class DecoderSession:
                 chain.binding.bind_ortvalue_output(present, v)
         binding = chain.binding
         held = self._bind_inputs(binding, input_ids, attention_mask, position_ids, last_only)
-        rows = 1 if last_only and self.keeps_logits else input_ids.shape[1]
-        logits = np.empty((input_ids.shape[0], rows, self.vocab_size), np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        logits = self._bind_logits(binding, input_ids, last_only)
         self.session.run_with_iobinding(binding)
         del held
         chain.filled = total
         return logits, KVCache(values, total, chain)
 
-    def _bound(self, values: list) -> list:
-        """Window tensors past 2 * keep positions cut back to their newest `keep` (CPU only:
-        kv_keep is all None elsewhere)."""
-        for i, keep in enumerate(self.kv_keep):
-            if keep is not None and values[i].shape()[2] >= 2 * keep:
-                values[i] = self._to_device(values[i].numpy()[:, :, -keep:])
-        return values
+    def _forward_host(self, binding, held, input_ids, last_only, cache: KVCache, total: int):
+        """Concat layout on CPU: the presents go into host buffers this session manages,
+        not into ONNX Runtime's arena. A present is past + S positions, longer every step,
+        and the arena, which cannot reuse the shorter blocks it gets back, grew to several
+        times the cache over a long prompt (docs/design.md, "Memory at long context"). Two
+        buffers per tensor take turns instead: a step reads its past from one and writes
+        its present into the other, which it reuses from the step before last when it is
+        large enough (fresh pages cost a decode step more than the copy does)."""
+        chain = cache._chain
+        if chain.buffers is not None and chain.filled != cache.length:
+            raise RuntimeConfigError("this cache was advanced by a later step; continue from the newest cache")
+        logits = self._bind_logits(binding, input_ids, last_only)
+        spare = chain.spare or [None] * len(cache.values)
+        presents, buffers = [], []
+        for name, v, (kv, d), buf in zip(self.present_names, cache.values, self.kv_shapes, spare):
+            b, _, past, _ = v.shape()
+            shape = (b, kv, past + input_ids.shape[1], d)
+            n = b * kv * shape[2] * d
+            if buf is None or buf.size < n:
+                buf = np.empty(n + n // 16, self.kv_dtype)  # room to grow a little in place
+            a = buf[:n].reshape(shape)
+            binding.bind_output(name, "cpu", 0, self.kv_dtype, list(shape), a.ctypes.data)
+            presents.append(self._to_device(a))
+            buffers.append(buf)
+        self.session.run_with_iobinding(binding)
+        del held
+        values = []
+        for i, (p, keep) in enumerate(zip(presents, self.kv_keep)):
+            if keep is not None and p.shape()[2] >= 2 * keep:
+                # Cut a window tensor back to its newest `keep` (once per `keep` steps): a new
+                # array, whose own memory is the buffer behind the value from now on.
+                cut = p.numpy()[:, :, -keep:].copy()
+                p, buffers[i] = self._to_device(cut), cut.reshape(-1)
+            values.append(p)
+        chain.filled = -1  # the cache fed here is spent: its buffers are the next step's spare
+        nxt = _Chain(filled=total, buffers=buffers, spare=chain.buffers)
+        return logits, KVCache(values, total, nxt)
+
+    def _bind_logits(self, binding, input_ids: np.ndarray, last_only: bool) -> np.ndarray:
+        """A fresh host array the run writes the logits into."""
+        rows = 1 if last_only and self.keeps_logits else input_ids.shape[1]
+        logits = np.empty((input_ids.shape[0], rows, self.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        return logits
 
     def _one_at_a_time(self, input_ids, attention_mask, position_ids, cache, last_only):
         rows = []

@@ -136,6 +136,25 @@ def test_chunked_prefill_last_only_and_bad_chunk(graphs):
         forward_chunked(sess, ids, mask, pos, sess.new_cache(3), chunk=0)
 
 
+def test_concat_cache_continues_only_from_the_newest(graphs):
+    """On CPU a concat-layout step writes its presents into the buffers of the cache two
+    steps back, so, as with the shared layout, an older cache of the chain is refused
+    rather than read after its buffers were reused, and the newest one gives the same
+    numbers as a fresh prefill."""
+    from gemma_export.errors import RuntimeConfigError
+
+    sess = _session(graphs, "tiny-gemma3", "bounded")
+    prompts, _, _, _ = _batch(sess.vocab_size, seed=3)
+    state = prefill(sess, prompts, chunk=CHUNK)
+    older = state
+    for tok in (11, 12, 13):
+        state = decode_one_token(sess, state, np.full(3, tok))
+    with pytest.raises(RuntimeConfigError, match="newest cache"):
+        decode_one_token(sess, older, np.full(3, 11))
+    again = prefill(sess, [p + [11, 12, 13] for p in prompts], chunk=CHUNK)
+    np.testing.assert_allclose(state.logits, again.logits, rtol=0, atol=TOL)
+
+
 
 def test_model_with_bounded_past_matches_transformers():
     """The PyTorch model (what the exporter traces) fed sliding layers' newest W - 1
