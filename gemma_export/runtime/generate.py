@@ -127,6 +127,18 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 # 512 = the real 270M's sliding window: a chunk of a local layer then attends over at most
 # 2 windows of keys.
 PREFILL_CHUNK = 512
+# Beyond 4096 cached positions a chunk shrinks so that its scores span at most this many query x
+# key positions (64 positions a chunk at 32k): the peak memory of a long prompt's prefill
+# then stays flat instead of growing with the context (docs/design.md, "Memory at long
+# context").
+SCORE_BUDGET = PREFILL_CHUNK * 4096
+MIN_CHUNK = 64
+
+
+def chunk_at(past: int, chunk: int) -> int:
+    """Prompt positions the next forward takes with `past` positions cached: `chunk`, or
+    fewer (not under MIN_CHUNK) where past + chunk keys would exceed SCORE_BUDGET."""
+    return max(min(chunk, MIN_CHUNK), min(chunk, SCORE_BUDGET // (past + chunk)))
 
 
 @dataclass
@@ -140,15 +152,15 @@ class DecodeState:
 def forward_chunked(sess: DecoderSession, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: KVCache,
                     chunk: int = PREFILL_CHUNK, last_only: bool = False) -> tuple[np.ndarray, KVCache]:
     """sess.forward over ids [B, S] (mask [B, cache.length + S]) in forwards of at most
-    `chunk` positions, each chunk's keys/values the past of the next. The same numbers as
-    one forward: every query sees the same keys under the same mask. Logits [B, S, V], or
-    [B, 1, V] with `last_only`."""
+    `chunk` positions (fewer at long context: chunk_at), each chunk's keys/values the past
+    of the next. The same numbers as one forward: every query sees the same keys under the
+    same mask. Logits [B, S, V], or [B, 1, V] with `last_only`."""
     if chunk < 1:
         raise RuntimeConfigError(f"prefill chunk must be >= 1, got {chunk}")
     S, past = ids.shape[1], sess.cache_length(cache)
-    rows = []
-    for start in range(0, S, chunk):
-        end = min(S, start + chunk)
+    rows, end = [], 0
+    while end < S:
+        start, end = end, min(S, end + chunk_at(past + end, chunk))
         last = end == S
         logits, cache = sess.forward(ids[:, start:end], mask[:, :past + end], pos[:, start:end], cache,
                                      last_only=last_only)

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from gemma_export.runtime.generate import SamplingConfig, TextStream, sample
+from gemma_export.runtime.generate import SamplingConfig, TextStream, chunk_at, sample
 from gemma_export.runtime.session import DecoderSession, KVCache
 
 log = logging.getLogger("gemma_export.server")
@@ -281,7 +281,7 @@ class Engine:
                 self._finish(s, "cancelled")
             return
         # Several rows go in one forward (W <= prefill_chunk); one long prompt a chunk at a time.
-        end = min(p.ids.shape[1], p.done + self.prefill_chunk) if len(p.seqs) == 1 else p.ids.shape[1]
+        end = min(p.ids.shape[1], p.done + chunk_at(p.done, self.prefill_chunk)) if len(p.seqs) == 1 else p.ids.shape[1]
         try:
             logits, p.cache = self.session.forward(
                 p.ids[:, p.done:end], p.mask[:, :end], p.pos[:, p.done:end], p.cache, last_only=True)

@@ -136,6 +136,30 @@ def test_chunked_prefill_last_only_and_bad_chunk(graphs):
         forward_chunked(sess, ids, mask, pos, sess.new_cache(3), chunk=0)
 
 
+@pytest.mark.parametrize("graph", ["bounded", "fused"])
+def test_chunks_shrink_as_the_context_grows_same_numbers(graphs, graph, monkeypatch):
+    """Past the score budget each chunk takes fewer positions (chunk_at); the chunks then
+    fall at uneven offsets and the logits stay those of one forward. The budget is scaled
+    down to the tiny presets' context of 256."""
+    from gemma_export.runtime import generate
+
+    monkeypatch.setattr(generate, "SCORE_BUDGET", 64 * 64)
+    monkeypatch.setattr(generate, "MIN_CHUNK", 5)
+    sess = _session(graphs, "tiny-gemma3", graph)
+    # One row (the 250-token one, unpadded): a fused graph takes a ragged batch's later
+    # chunks one position per forward, which would hide the chunk sizes.
+    ids, mask, pos = (a[:1] for a in _batch(sess.vocab_size, seed=2)[1:])
+    whole, _ = sess.forward(ids, mask, pos, sess.new_cache(1))
+    sizes = []
+    forward = sess.forward
+    monkeypatch.setattr(sess, "forward", lambda i, *a, **k: sizes.append(i.shape[1]) or forward(i, *a, **k))
+    chunked, _ = forward_chunked(sess, ids, mask, pos, sess.new_cache(1), chunk=64)
+    assert sizes[0] == 64 and sizes[1] < 64 and min(sizes[:-1]) >= 5 and sum(sizes) == ids.shape[1]
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True), sizes
+    assert mask.all()
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=TOL)
+
+
 def test_concat_cache_continues_only_from_the_newest(graphs):
     """On CPU a concat-layout step writes its presents into the buffers of the cache two
     steps back, so, as with the shared layout, an older cache of the chain is refused
