@@ -127,11 +127,11 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 # 512 = the real 270M's sliding window: a chunk of a local layer then attends over at most
 # 2 windows of keys.
 PREFILL_CHUNK = 512
-# Beyond 4096 cached positions a chunk shrinks so that its scores span at most this many query x
-# key positions (64 positions a chunk at 32k): the peak memory of a long prompt's prefill
-# then stays flat instead of growing with the context (docs/design.md, "Memory at long
-# context").
-SCORE_BUDGET = PREFILL_CHUNK * 4096
+# Once a chunk's keys pass 1024 positions it shrinks so that its attention scores span at
+# most this many query x key positions (down to MIN_CHUNK from 8k on): the peak memory of a long
+# prompt's prefill then stays flat instead of growing with the context (docs/design.md,
+# "Memory at long context").
+SCORE_BUDGET = PREFILL_CHUNK * 1024
 MIN_CHUNK = 64
 
 

@@ -29,6 +29,7 @@ full there (as they do in the shared layout).
 from __future__ import annotations
 
 import enum
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,14 @@ _ORT_NAMES = {Provider.CPU: "CPUExecutionProvider", Provider.CUDA: "CUDAExecutio
 
 def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _host_buffer(n: int, dtype) -> np.ndarray:
+    """n elements of host memory for a cache tensor, mapped from the OS on its own: freed,
+    it goes back at once, whatever malloc's thresholds would make of buffers that grow
+    through every size over a long prompt."""
+    dtype = np.dtype(dtype)
+    return np.frombuffer(mmap.mmap(-1, max(n, 1) * dtype.itemsize), dtype)[:n]
 
 
 @dataclass
@@ -321,7 +330,7 @@ class DecoderSession:
             shape = (b, kv, past + input_ids.shape[1], d)
             n = b * kv * shape[2] * d
             if buf is None or buf.size < n:
-                buf = np.empty(n + n // 16, self.kv_dtype)  # room to grow a little in place
+                buf = _host_buffer(n + n // 16, self.kv_dtype)  # room to grow a little in place
             a = buf[:n].reshape(shape)
             binding.bind_output(name, "cpu", 0, self.kv_dtype, list(shape), a.ctypes.data)
             presents.append(self._to_device(a))
@@ -331,10 +340,13 @@ class DecoderSession:
         values = []
         for i, (p, keep) in enumerate(zip(presents, self.kv_keep)):
             if keep is not None and p.shape()[2] >= 2 * keep:
-                # Cut a window tensor back to its newest `keep` (once per `keep` steps): a new
-                # array, whose own memory is the buffer behind the value from now on.
-                cut = p.numpy()[:, :, -keep:].copy()
-                p, buffers[i] = self._to_device(cut), cut.reshape(-1)
+                # Cut a window tensor back to its newest `keep` (once per `keep` steps) into a
+                # buffer of its own, the one behind the value from now on.
+                src = p.numpy()[:, :, -keep:]
+                buffers[i] = _host_buffer(src.size, self.kv_dtype)
+                cut = buffers[i].reshape(src.shape)
+                cut[...] = src
+                p = self._to_device(cut)
             values.append(p)
         chain.filled = -1  # the cache fed here is spent: its buffers are the next step's spare
         nxt = _Chain(filled=total, buffers=buffers, spare=chain.buffers)
