@@ -57,21 +57,33 @@ def profile_ours(artifact: Path, n_prompt: int, steps: int, threads: int, portab
 
     sys.path.insert(0, str(REPO))
     from gemma_export.runtime.bench import prompt_ids
-    from gemma_export.runtime.generate import PREFILL_CHUNK, decode_one_token, load_generator, prefill
+    from gemma_export.runtime.generate import decode_one_token, prefill
     from gemma_export.runtime.session import DecoderSession
+    from gemma_export.runtime.tokenizer import Tokenizer
 
-    gen = load_generator(artifact, provider="cpu", threads=threads)
-    sess = DecoderSession(artifact, provider="cpu", threads=threads, portable=portable) if portable else gen.session
+    sess = DecoderSession(artifact, provider="cpu", threads=threads, portable=portable)
+    tokenizer = Tokenizer.from_file(artifact / sess.manifest.tokenizer)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.enable_profiling = True
     opts.log_severity_level = 3
     opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "decode")
     sess.session = ort.InferenceSession(str(sess.model_path), opts, providers=["CPUExecutionProvider"])
-    state = prefill(sess, [prompt_ids(gen.tokenizer, n_prompt)], capacity=n_prompt + steps + 1)
+    # The prompt's forwards, counted rather than derived: chunks shrink as the context grows
+    # (generate.chunk_at).
+    forward, prompt_runs = sess.forward, 0
+
+    def counted(*a, **k):
+        nonlocal prompt_runs
+        prompt_runs += 1
+        return forward(*a, **k)
+
+    sess.forward = counted
+    state = prefill(sess, [prompt_ids(tokenizer, n_prompt)], capacity=n_prompt + steps + 1)
+    sess.forward = forward
     for _ in range(steps):
         state = decode_one_token(sess, state, np.array([int(np.argmax(state.logits[0]))]))
-    return sess.session.end_profiling(), -(-n_prompt // PREFILL_CHUNK)
+    return sess.session.end_profiling(), prompt_runs
 
 
 def profile_genai(artifact: Path, n_prompt: int, steps: int, threads: int) -> tuple[str, int]:
