@@ -46,6 +46,8 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     import numpy as np
+    from harness.report import fmt_bytes
+    from harness.workers.common import peak_rss
 
     from gemma_export.errors import GemmaExportError
     from gemma_export.runtime import generate
@@ -61,9 +63,7 @@ def main() -> None:
     if args.prompt_tokens + args.steps > gen.session.max_length:
         sys.exit(f"error: --prompt-tokens + --steps exceed the context of {gen.session.max_length}")
     ids = prompt_ids(gen.tokenizer, args.prompt_tokens)
-    gib = 2**30
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
-    print(f"loaded: RSS {rss_now() / gib:.2f} GiB; score budget {generate.SCORE_BUDGET}")
+    print(f"loaded: RSS {fmt_bytes(rss_now())}; score budget {generate.SCORE_BUDGET}")
     for r in range(args.runs):
         state = None  # noqa: F841 (the last run's cache goes first, as in bench)
         t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def main() -> None:
             state = decode_one_token(gen.session, state, np.array([int(np.argmax(state.logits[0]))]))
         t2 = time.perf_counter()
         print(f"run {r}: prefill {t1 - t0:.1f} s, {args.steps} steps {t2 - t1:.2f} s, "
-              f"RSS {rss_now() / gib:.2f} GiB, peak {peak() / gib:.2f} GiB", flush=True)
+              f"RSS {fmt_bytes(rss_now())}, peak {fmt_bytes(peak_rss())}", flush=True)
 
 
 if __name__ == "__main__":
