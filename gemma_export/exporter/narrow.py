@@ -6,7 +6,7 @@ Gemma's range stays fp32:
 
     MatMul(x, W)          ->  Cast(x, T) -> MatMul(., W_T) -> Cast(fp32)
     Gemm(h, E, transB=1)  ->  Cast(h, T) -> Gemm(., E_T)   -> Cast(fp32)   (logits leave fp32)
-    Gather(E, ids)        ->  Gather(E_T, ids) -> Cast(fp32)
+    Gather(E, ids)        ->  Gather(E_T, ids) -> Cast(fp32)   (and Gemma 4's per-layer table)
 
 Kept fp32: the residual stream, RMSNorm, RoPE, attention scores and softmax, the KV
 cache, GELU, the logits (KEPT_FP32 below, recorded in the manifest). The tied embedding
@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from gemma_export.contract import EMBED_WEIGHT
+from gemma_export.contract import EMBED_WEIGHT, PLE_WEIGHT
 from gemma_export.errors import ExportError
+from gemma_export.exporter import lazy_weights
 from gemma_export.exporter.calibrate import empty_past, fp32_session, run_fed
 
 FP16_MAX = 65504.0
@@ -86,25 +87,36 @@ class NarrowRecipe:
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
+    """fp32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN. A slice at
+    a time, so the uint32 temporaries stay small beside a 9.4 GB table."""
+    flat = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+    out = np.empty(flat.shape, np.uint16)
+    for i in range(0, flat.size, _BF16_SLICE):
+        x = flat[i:i + _BF16_SLICE]
+        u = x.view(np.uint32)
+        rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(x)
+        if nan.any():
+            rounded[nan] = 0x7FC0
+        out[i:i + _BF16_SLICE] = rounded
+    return out.reshape(np.shape(a))
+
+
+_BF16_SLICE = 1 << 22
 
 
 def from_bf16_bits(b: np.ndarray) -> np.ndarray:
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
-def narrow_tensor(t: onnx.TensorProto, dtype: int) -> onnx.TensorProto:
-    a = numpy_helper.to_array(t)
+def narrow_tensor(t: onnx.TensorProto, dtype: int, made: lazy_weights.Initializers | None = None) -> onnx.TensorProto:
+    """`t` in fp16 or bf16, made through `made` (a large one into its scratch file)."""
+    a = lazy_weights.array(t)
+    made = made if made is not None else lazy_weights.Initializers()
     if dtype == TensorProto.FLOAT16:
-        return numpy_helper.from_array(a.astype(np.float16), t.name)
-    out = TensorProto(name=t.name, data_type=TensorProto.BFLOAT16, dims=a.shape)
-    out.raw_data = to_bf16_bits(a).tobytes()
+        return made.add(a.astype(np.float16), t.name)
+    out = made.add(to_bf16_bits(a), t.name)  # uint16 bits, read as bfloat16
+    out.data_type = TensorProto.BFLOAT16
     return out
 
 
@@ -112,14 +124,15 @@ def narrow_tensor(t: onnx.TensorProto, dtype: int) -> onnx.TensorProto:
 
 
 def _candidates(g: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:
-    """Products whose weight is an fp32 initializer, and the embedding gather."""
+    """Products whose weight is an fp32 initializer, the embedding gather and Gemma 4's
+    per-layer embedding gather (E2B: 9.4 GB in fp32, read a row per token)."""
     out = []
     for n in g.node:
         if n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2 and n.input[1] in inits:
             if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]:
                 continue  # no biased Gemm in our graphs; leave any such node alone
             out.append(n)
-        elif n.op_type == "Gather" and n.input[0] == EMBED_WEIGHT:
+        elif n.op_type == "Gather" and n.input[0] in (EMBED_WEIGHT, PLE_WEIGHT):
             out.append(n)
     return [n for n in out if inits[_weight(n)].data_type == TensorProto.FLOAT]
 
@@ -158,14 +171,16 @@ def range_guard(model_path: Path, proto: onnx.ModelProto, ids: np.ndarray) -> di
     return out
 
 
-def narrow_graph(proto: onnx.ModelProto, recipe: NarrowRecipe, keep: dict[str, float] | None = None) -> dict:
+def narrow_graph(proto: onnx.ModelProto, recipe: NarrowRecipe, keep: dict[str, float] | None = None,
+                 scratch: Path | None = None) -> dict:
     """Rewrite `proto` in place (see the module docstring). `keep`: fp16 product node
-    names that stay fp32 (range_guard's verdict). Returns a summary: counts, the dtype
-    of the tied embedding / LM head, and what was kept."""
+    names that stay fp32 (range_guard's verdict); `scratch`: a file for the large narrow
+    tensors (lazy_weights.Initializers). Returns a summary: counts, the dtype of the tied
+    embedding / LM head, and what was kept."""
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
     candidates = _candidates(g, inits)
-    if not any(n.op_type == "Gather" for n in candidates):
+    if not any(n.op_type == "Gather" and n.input[0] == EMBED_WEIGHT for n in candidates):
         raise ExportError("the graph's embedding gather was not found; is this an fp32 artifact?")
     dtype_of = {id(n): recipe.head_dtype if _weight(n) == EMBED_WEIGHT else recipe.dtype for n in candidates}
     # The guard speaks for fp16 products only (bf16 has fp32's range).
@@ -196,9 +211,10 @@ def narrow_graph(proto: onnx.ModelProto, recipe: NarrowRecipe, keep: dict[str, f
         n.output[0] = narrow_out
         nodes.append(n)
         nodes.append(helper.make_node("Cast", [narrow_out], [out], name=f"{n.name}/Cast_out", to=TensorProto.FLOAT))
+    made = lazy_weights.Initializers(scratch)
     for i, t in enumerate(g.initializer):
         if t.name in weights:
-            g.initializer[i].CopyFrom(narrow_tensor(t, weights[t.name]))
+            g.initializer[i].CopyFrom(narrow_tensor(t, weights[t.name], made))
     del g.node[:]
     g.node.extend(nodes)
     return {

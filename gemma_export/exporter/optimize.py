@@ -15,12 +15,12 @@ contrib ops, so the manifest lists them, and `--no-optimize` keeps the portable 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import onnx
 
 from gemma_export.errors import ArtifactError
+from gemma_export.exporter.lazy_weights import goes_external
 from gemma_export.exporter.rewrites import Graph, Rule, ensure_ms_opset
 from gemma_export.exporter.rewrites.attention import AttentionRule
 from gemma_export.exporter.rewrites.pack_projections import PackProjectionsRule
@@ -80,9 +80,6 @@ def optimize_graph(proto: onnx.ModelProto, rules: tuple[Rule, ...] = RULES, cfg=
     return out
 
 
-SMALL = 1024  # bytes: initializers this small stay inline (onnx.save's size_threshold in pipeline)
-
-
 def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the graph without its large initializers' data (those are named in
     `proto.graph.initializer` with no payload: `fill_from` points them at the weights
@@ -95,7 +92,7 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     for part in ("node", "input", "output", "value_info"):
         getattr(s.graph, part).extend(getattr(proto.graph, part))
     for t in proto.graph.initializer:
-        if _goes_external(t):
+        if goes_external(t):
             s.graph.initializer.add(name=t.name)  # placeholder: filled from the saved fused graph
         else:
             s.graph.initializer.append(t)
@@ -114,11 +111,3 @@ def fill_from(skel: onnx.ModelProto, saved: onnx.ModelProto) -> onnx.ModelProto:
                                     "cannot write the portable graph")
             t.CopyFrom(src)
     return skel
-
-
-def _goes_external(t: onnx.TensorProto) -> bool:
-    """What onnx.save(..., save_as_external_data=True, size_threshold=SMALL) moves to the
-    weights file (onnx.external_data_helper's own test), or what is there already."""
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        return True
-    return t.HasField("raw_data") and sys.getsizeof(t.raw_data) >= SMALL

@@ -43,10 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from gemma_export.contract import EMBED_WEIGHT, PLE_WEIGHT
 from gemma_export.errors import ExportError
+from gemma_export.exporter import lazy_weights
 from gemma_export.exporter.blocks import (
     Blocks,
     gptq_factor,
@@ -159,7 +160,8 @@ class _Source:
         return b
 
 
-def _matmulnbits(name: str, a: str, out: str, b: Blocks, prefix: str, inits: list, level: int) -> list[onnx.NodeProto]:
+def _matmulnbits(name: str, a: str, out: str, b: Blocks, prefix: str, inits: lazy_weights.Initializers,
+                 level: int) -> list[onnx.NodeProto]:
     """Nodes computing out = a @ dequantize(b).T.
 
     Float zero points (GGUF K-quants: w = scale*q - min) put MatMulNBits on a path about
@@ -173,12 +175,12 @@ def _matmulnbits(name: str, a: str, out: str, b: Blocks, prefix: str, inits: lis
         a ─ Reshape[.., kb, bs] ─ ReduceSum(-1) ─ MatMul(c^T) ──┘
     """
     n, kb, bs = b.codes.shape
-    inits.append(numpy_helper.from_array(pack(b.codes, b.bits), f"{prefix}.qweight"))
-    inits.append(numpy_helper.from_array(b.scales.reshape(n, kb).astype(np.float32), f"{prefix}.scales"))
+    inits.add(pack(b.codes, b.bits), f"{prefix}.qweight")
+    inits.add(b.scales.reshape(n, kb).astype(np.float32), f"{prefix}.scales")
     inputs = [a, f"{prefix}.qweight", f"{prefix}.scales"]
     float_zp = b.zero_points.dtype == np.float32
     if not float_zp and not b.default_zero_point:
-        inits.append(numpy_helper.from_array(pack_zero_points(b.zero_points, b.bits), f"{prefix}.zero_points"))
+        inits.add(pack_zero_points(b.zero_points, b.bits), f"{prefix}.zero_points")
         inputs.append(f"{prefix}.zero_points")
     attrs = dict(K=kb * bs, N=n, bits=b.bits, block_size=bs, accuracy_level=level)
     if not float_zp:
@@ -186,11 +188,9 @@ def _matmulnbits(name: str, a: str, out: str, b: Blocks, prefix: str, inits: lis
     mid = 2 ** (b.bits - 1)
     corr_w = (b.scales * (mid - b.zero_points)).astype(np.float32)  # [N, kb]
     base = name.rsplit("/", 1)[0]
-    inits += [
-        numpy_helper.from_array(np.ascontiguousarray(corr_w.T), f"{prefix}.block_offsets"),  # [kb, N]
-        numpy_helper.from_array(np.array([-1, kb, bs], np.int64), f"{prefix}.block_shape"),
-        numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}.last_axis"),
-    ]
+    inits.add(np.ascontiguousarray(corr_w.T), f"{prefix}.block_offsets")  # [kb, N]
+    inits.add(np.array([-1, kb, bs], np.int64), f"{prefix}.block_shape")
+    inits.add(np.array([-1], np.int64), f"{prefix}.last_axis")
     scaled, sums, flat, corr = (f"{out}/{t}" for t in ("centred", "block_sums", "blocks", "offset"))
     return [
         helper.make_node("MatMulNBits", inputs, [scaled], name=name, domain=MS_DOMAIN, **attrs),
@@ -204,14 +204,15 @@ def _matmulnbits(name: str, a: str, out: str, b: Blocks, prefix: str, inits: lis
 
 
 def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | None = None, progress=None,
-                   moments=None) -> dict:
+                   moments=None, scratch: Path | None = None) -> dict:
     """Rewrite `proto` in place; returns a summary (counts, bits per weight). `moments`
     (`.get(input tensor)` -> sum x x^T or None: calibrate.InputMoments over
-    `product_inputs`) turns on GPTQ for the products whose input it covers."""
+    `product_inputs`) turns on GPTQ for the products whose input it covers. `scratch`: a
+    file for the large tensors made (lazy_weights.Initializers), else all in memory."""
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
     src = _Source(recipe, gguf_path)
-    new_inits: list[onnx.TensorProto] = []
+    new_inits = lazy_weights.Initializers(scratch)
     drop: set[str] = set()
     nodes: list[onnx.NodeProto] = []
     summary = {"matmuls": 0, "lm_head": False, "embedding": False, "bits": {}}
@@ -277,7 +278,7 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
 
 
 def _array(inits: dict, name: str) -> np.ndarray:
-    return numpy_helper.to_array(inits[name])
+    return lazy_weights.array(inits[name])
 
 
 def product_inputs(proto: onnx.ModelProto) -> dict[str, str]:
@@ -314,7 +315,7 @@ def product_table(proto: onnx.ModelProto) -> dict[str, dict[str, int]]:
         keep = producers.get(n.input[0])
         outliers = 0
         if keep is not None and keep.name.endswith("/OutlierKeep"):
-            outliers = int((numpy_helper.to_array(inits[keep.input[1]]) == 0).sum())
+            outliers = int((lazy_weights.array(inits[keep.input[1]]) == 0).sum())
         out[n.name] = {"bits": a["bits"], "block_size": a["block_size"], "accuracy_level": a.get("accuracy_level", 0),
                        "outlier_channels": outliers}
     return out
@@ -337,13 +338,13 @@ _EMBED_PREFIX = "model.embed_tokens"
 _PLE_PREFIX = "model.embed_tokens_per_layer"
 
 
-def _lm_head(node: onnx.NodeProto, b: Blocks, inits: list, level: int) -> list[onnx.NodeProto]:
+def _lm_head(node: onnx.NodeProto, b: Blocks, inits: lazy_weights.Initializers, level: int) -> list[onnx.NodeProto]:
     """Gemm(h2d, E, transB=1) reads E as [V, H] = [N, K]: exactly MatMulNBits' layout."""
     assert any(a.name == "transB" and a.i == 1 for a in node.attribute)
     return _matmulnbits("/lm_head/MatMulNBits", node.input[0], node.output[0], b, _EMBED_PREFIX, inits, level)
 
 
-def _embedding(node: onnx.NodeProto, b: Blocks, inits: list, p: str = _EMBED_PREFIX,
+def _embedding(node: onnx.NodeProto, b: Blocks, inits: lazy_weights.Initializers, p: str = _EMBED_PREFIX,
                with_codes: bool = False) -> list[onnx.NodeProto]:
     """Gather -> GatherBlockQuantized over the same packed codes (read as [V, kb, blob],
     quantized along axis 2), then Reshape [B, S, kb, bs] -> [B, S, H]. The tied
@@ -351,16 +352,16 @@ def _embedding(node: onnx.NodeProto, b: Blocks, inits: list, p: str = _EMBED_PRE
     here (a table nothing else reads: the PLE)."""
     v, kb, bs = b.codes.shape
     if with_codes:
-        inits.append(numpy_helper.from_array(pack(b.codes, b.bits), f"{p}.qweight"))
-    inits.append(numpy_helper.from_array(b.scales.reshape(v, kb, 1).astype(np.float32), f"{p}.gather_scales"))
+        inits.add(pack(b.codes, b.bits), f"{p}.qweight")
+    inits.add(b.scales.reshape(v, kb, 1).astype(np.float32), f"{p}.gather_scales")
     inputs = [f"{p}.qweight", node.input[1], f"{p}.gather_scales"]
     if not b.default_zero_point:
         if b.zero_points.dtype != np.uint8:
             raise ExportError("the embedding's zero points must be integers for GatherBlockQuantized")
         # one zero point per byte (low nibble for 4 bits): the quantized axis has length 1
-        inits.append(numpy_helper.from_array(b.zero_points.reshape(v, kb, 1), f"{p}.gather_zero_points"))
+        inits.add(b.zero_points.reshape(v, kb, 1), f"{p}.gather_zero_points")
         inputs.append(f"{p}.gather_zero_points")
-    inits.append(numpy_helper.from_array(np.array([0, 0, kb * bs], np.int64), f"{p}.gather_shape"))
+    inits.add(np.array([0, 0, kb * bs], np.int64), f"{p}.gather_shape")
     mid = f"{node.output[0]}/blocks"
     scope = "/" + p.replace(".", "/")
     return [
@@ -385,10 +386,10 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         attrs = {a.name: a.i for a in node.attribute}
         bits, bs, n, k = attrs["bits"], attrs["block_size"], attrs["N"], attrs["K"]
         kb = k // bs
-        codes = unpack(numpy_helper.to_array(inits[node.input[1]]), bits, bs)
-        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, kb)
+        codes = unpack(lazy_weights.array(inits[node.input[1]]), bits, bs)
+        scales = lazy_weights.array(inits[node.input[2]]).reshape(n, kb)
         if len(node.input) > 3 and node.input[3]:
-            zp = numpy_helper.to_array(inits[node.input[3]])
+            zp = lazy_weights.array(inits[node.input[3]])
             if zp.dtype == np.uint8 and bits == 4:
                 zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :kb]
             zp = zp.reshape(n, kb)
@@ -402,7 +403,7 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
             part, start = w[start:start + rows], start + rows
             prefix = qweight[: -len(".qweight")]
             if f"{prefix}.block_offsets" in inits:  # float-zero-point blocks (see _matmulnbits)
-                offsets = numpy_helper.to_array(inits[f"{prefix}.block_offsets"]).T  # [N, kb]
+                offsets = lazy_weights.array(inits[f"{prefix}.block_offsets"]).T  # [N, kb]
                 part = (part.reshape(rows, kb, bs) + offsets[..., None]).reshape(rows, k)
             name = prefix[: -len(".MatMul")] + ".weight" if prefix.endswith(".MatMul") else prefix + ".weight"
             out[name] = part
@@ -413,11 +414,11 @@ def _gathered_table(node: onnx.NodeProto, inits: dict) -> np.ndarray:
     """The fp32 table [V, K] a GatherBlockQuantized of `_embedding` (with_codes) reads."""
     attrs = {a.name: a.i for a in node.attribute}
     bits, bs = attrs["bits"], attrs["block_size"]
-    codes = unpack(numpy_helper.to_array(inits[node.input[0]]), bits, bs)  # [V, kb, bs]
+    codes = unpack(lazy_weights.array(inits[node.input[0]]), bits, bs)  # [V, kb, bs]
     v, kb = codes.shape[:2]
-    scales = numpy_helper.to_array(inits[node.input[2]]).reshape(v, kb)
+    scales = lazy_weights.array(inits[node.input[2]]).reshape(v, kb)
     if len(node.input) > 3 and node.input[3]:
-        zp = numpy_helper.to_array(inits[node.input[3]]).reshape(v, kb)
+        zp = lazy_weights.array(inits[node.input[3]]).reshape(v, kb)
         if bits == 4:
             zp = zp & 0x0F  # one zero point per byte, in the low nibble (see _embedding)
     else:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from gemma_export.contract import (
-    CPU_MODEL_FILE, DATA_FILE, MODEL_FILE, PORTABLE_MODEL_FILE, KVLayout, Precision, io_spec,
+    CPU_MODEL_FILE, MODEL_FILE, PORTABLE_MODEL_FILE, KVLayout, Precision, io_spec,
 )
-from gemma_export.errors import ArtifactError, UsageError
+from gemma_export.errors import UsageError
 from gemma_export.exporter import narrow
-from gemma_export.exporter.optimize import SMALL, Optimized, fill_from, optimize_graph
+from gemma_export.exporter.optimize import Optimized, fill_from, optimize_graph
 from gemma_export.exporter.quantize import (
     RECIPES, Recipe, product_inputs, product_table, quantize_graph, rounded_inputs,
 )
@@ -157,7 +157,7 @@ class NarrowArtifactRecipe(_WithParams):
             with job.progress.stage("calibrating fp16 ranges"):
                 keep = narrow.range_guard(job.fp32_model, proto, job.calibration())
         fusions = optimize_graph(proto).fusions if job.optimize else {}
-        summary = narrow.narrow_graph(proto, self.params, keep)
+        summary = narrow.narrow_graph(proto, self.params, keep, scratch=_scratch(job))
         _save(proto, job.dst)
         onnx.save(narrow.cpu_fallback_graph(proto), str(job.dst / CPU_MODEL_FILE))
         kept = narrow.KEPT_FP32 + [f"product {n} (calibrated |x| {v} near fp16's limit)"
@@ -183,7 +183,7 @@ class IntegerRecipe(_WithParams):
         proto = _load(job.fp32_model)
         moments = _gptq_moments(job, proto, self.params) if self.params.gptq else None
         outliers = _outlier_channels(job, proto, self.params) if self._splits_outliers() else {}
-        summary = quantize_graph(proto, self.params, job.gguf_path, job.progress, moments)
+        summary = quantize_graph(proto, self.params, job.gguf_path, job.progress, moments, scratch=_scratch(job))
         if outliers:
             from gemma_export.exporter.rewrites import Graph
             from gemma_export.exporter.rewrites.outlier_channels import split_outlier_channels
@@ -207,19 +207,27 @@ class IntegerRecipe(_WithParams):
 
 
 def _load(path: Path):
-    import onnx
+    """The fp32 graph with its weights left in their file (lazy_weights: a recipe reads
+    them a tensor at a time)."""
+    from gemma_export.exporter import lazy_weights
 
-    try:
-        return onnx.load(str(path))
-    except onnx.checker.ValidationError as e:  # e.g. a weights file with a second hard link
-        raise ArtifactError(f"{path.parent}: cannot read the fp32 weights ({str(e).strip().splitlines()[0]})") from e
+    return lazy_weights.load(path)
+
+
+def _scratch(job: Job) -> Path:
+    """Where a recipe's large tensors wait for `_save` (inside the staging directory)."""
+    return job.dst / SCRATCH_FILE
 
 
 def _save(proto, dst: Path) -> None:
-    import onnx
+    """The graph and its weights file, a tensor at a time; the scratch file is then spent."""
+    from gemma_export.exporter import lazy_weights
 
-    onnx.save(proto, str(dst / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=DATA_FILE, size_threshold=SMALL)
+    lazy_weights.save(proto, dst)
+    (dst / SCRATCH_FILE).unlink(missing_ok=True)
+
+
+SCRATCH_FILE = ".scratch.data"
 
 
 def _gptq_moments(job: Job, proto, recipe: Recipe):

@@ -232,21 +232,95 @@ def test_quantize_refuses_bad_input(tiny_artifacts, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
 
 
-def test_quantize_explains_a_hard_linked_weights_file(tiny_artifacts, tmp_path):
-    """onnx refuses to read external data with a second hard link (`cp -al` copies, say):
-    one line naming the artifact, no traceback, nothing written."""
+def test_quantize_reads_a_hard_linked_weights_file(tiny_artifacts, tmp_path):
+    """onnx.load refuses external data with a second hard link (`cp -al` copies, say); the
+    recipes read the weights a tensor at a time (lazy_weights), so such a copy quantizes,
+    to the same weights as its original."""
     import os
     import shutil
 
-    from gemma_export.errors import ArtifactError
-
     src = tmp_path / "src"
     shutil.copytree(_tiny_fp32(tiny_artifacts, "tiny-gemma1"), src)
-    os.link(src / json.loads((src / "manifest.json").read_text())["data_file"], tmp_path / "second-link")
-    with pytest.raises(ArtifactError, match="cannot read the fp32 weights") as e:
-        quantize_artifact(src, tmp_path / "q", precision="int8", verify=False)
-    assert "\n" not in str(e.value) and str(src) in str(e.value)
-    assert not (tmp_path / "q").exists()
+    data = src / json.loads((src / "manifest.json").read_text())["data_file"]
+    os.link(data, tmp_path / "second-link")
+    quantize_artifact(src, tmp_path / "q", precision="int8", verify=False)
+    os.unlink(tmp_path / "second-link")
+    quantize_artifact(src, tmp_path / "p", precision="int8", verify=False)
+    q, p = ((d / json.loads((d / "manifest.json").read_text())["data_file"]).read_bytes() for d in
+            (tmp_path / "q", tmp_path / "p"))
+    assert q == p
+
+
+def test_lazy_weights_refuses_a_weights_file_outside_the_graphs_folder(tmp_path):
+    """An external-data location that leaves the graph's folder is one line, not a read."""
+    import onnx
+    from onnx import helper
+
+    from gemma_export.errors import ArtifactError
+    from gemma_export.exporter import lazy_weights
+
+    (tmp_path / "g").mkdir()
+    (tmp_path / "outside.bin").write_bytes(bytes(4096))
+    t = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[1024])
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "../outside.bin"), ("offset", "0"), ("length", "4096")):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1024])], [t])
+    onnx.save(helper.make_model(g), str(tmp_path / "g" / "model.onnx"))
+    with pytest.raises(ArtifactError, match="not in the graph's folder") as e:
+        lazy_weights.load(tmp_path / "g" / "model.onnx")
+    assert "\n" not in str(e.value)
+
+
+def test_lazy_weights_save_writes_what_onnx_save_writes(tiny_artifacts, tmp_path):
+    """A graph read lazily and saved a tensor at a time loads (onnx.load, weights and all)
+    to the same initializers as the graph it was read from."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gemma_export.exporter import lazy_weights
+
+    src = _tiny_fp32(tiny_artifacts, "tiny-gemma3") / "model.onnx"
+    proto = lazy_weights.load(src)
+    w = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    w.CopyFrom(numpy_helper.from_array(lazy_weights.array(w) * 2, w.name))  # one tensor the "recipe" made
+    (tmp_path / "out").mkdir()
+    lazy_weights.save(proto, tmp_path / "out")
+    a, b = onnx.load(str(src)), onnx.load(str(tmp_path / "out" / "model.onnx"))
+    want = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name] * 2 if name == w.name else want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_large_tensors_through_the_scratch_file_give_the_same_artifact(tiny_artifacts, tmp_path, monkeypatch,
+                                                                        precision):
+    """Tensors a recipe makes past SCRATCH_BYTES wait in a scratch file (E2B's 2.35 GB PLE
+    codes cannot sit in a TensorProto); with the bound lowered so that every weight goes
+    there, the artifact's weights are the same, and no scratch file is left in it."""
+    from gemma_export.exporter import lazy_weights
+
+    src = _tiny_fp32(tiny_artifacts, "tiny-gemma3")
+    quantize_artifact(src, tmp_path / "memory", precision=precision, verify=False)
+    monkeypatch.setattr(lazy_weights, "SCRATCH_BYTES", 4096)
+    quantize_artifact(src, tmp_path / "scratch", precision=precision, verify=False)
+    want, got = (_initializers(tmp_path / d) for d in ("memory", "scratch"))
+    assert want.keys() == got.keys() and any(v.nbytes >= 4096 for v in got.values())
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == sorted(
+        p.name for p in (tmp_path / "memory").iterdir())
+
+
+def _initializers(d) -> dict:
+    from onnx import numpy_helper
+
+    m = onnx.load(str(d / json.loads((d / "manifest.json").read_text())["model_file"]))
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
 
 
 # -- real model ----------------------------------------------------------------------------------
@@ -477,6 +551,7 @@ def test_float_zero_points_become_integer_codes_plus_exact_offset():
     from onnx import TensorProto, helper
 
     from gemma_export.exporter.blocks import Blocks
+    from gemma_export.exporter.lazy_weights import Initializers
     from gemma_export.exporter.quantize import _matmulnbits
 
     rng = np.random.default_rng(3)
@@ -487,7 +562,7 @@ def test_float_zero_points_become_integer_codes_plus_exact_offset():
         (rng.random((n, kb)) * 10).astype(np.float32),
         4,
     )
-    inits = []
+    inits = Initializers()
     nodes = _matmulnbits("/t/MatMulNBits", "x", "y", b, "t", inits, level=0)
     assert [x.op_type for x in nodes][0] == "MatMulNBits" and "ReduceSum" in [x.op_type for x in nodes]
     assert len(nodes[0].input) == 3  # the kernel's default (integer) zero point: the fast path

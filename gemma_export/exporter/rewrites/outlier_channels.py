@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gemma_export.exporter.blocks import Blocks, unpack
+from gemma_export.exporter import lazy_weights
 from gemma_export.exporter.rewrites import Graph, add_initializer
 
 
@@ -34,10 +35,10 @@ def node_columns(g: Graph, node: onnx.NodeProto, channels: np.ndarray) -> np.nda
     bits, bs, n, k = a["bits"], a["block_size"], a["N"], a["K"]
     kb = k // bs
     blocks = sorted(set((channels // bs).tolist()))  # only the K-blocks holding a channel
-    codes = unpack(numpy_helper.to_array(g.inits[node.input[1]]), bits, bs)[:, blocks]  # [N, nb, bs]
-    scales = numpy_helper.to_array(g.inits[node.input[2]]).reshape(n, kb)[:, blocks]
+    codes = unpack(lazy_weights.array(g.inits[node.input[1]]), bits, bs)[:, blocks]  # [N, nb, bs]
+    scales = lazy_weights.array(g.inits[node.input[2]]).reshape(n, kb)[:, blocks]
     if len(node.input) > 3 and node.input[3]:
-        zp = numpy_helper.to_array(g.inits[node.input[3]])
+        zp = lazy_weights.array(g.inits[node.input[3]])
         if bits == 4:
             zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :kb]
         zp = zp.reshape(n, kb)[:, blocks]

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from gemma_export.exporter import lazy_weights
 from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, Rule, add_initializer, drop_unread_initializers
 
 
@@ -76,7 +77,7 @@ class PackProjectionsRule(Rule):
         base = _common_prefix([n.input[1] for n in nodes]).rstrip("._") or "packed"
         names = [f"{base}.packed.{k}" for k in ("qweight", "scales", "zero_points")]
         for slot in range(1, len(nodes[0].input)):
-            parts = [numpy_helper.to_array(g.inits[n.input[slot]]) for n in nodes]
+            parts = [lazy_weights.array(g.inits[n.input[slot]]) for n in nodes]
             rows = [p.reshape(n_rows, -1) for p, n_rows in zip(parts, ns)]
             stacked = np.concatenate(rows, axis=0)
             if slot == 1:
