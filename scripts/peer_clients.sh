@@ -4,6 +4,9 @@
 #   optimum  a venv with optimum-onnx (pins transformers < 4.58, so never the project's venv)
 #   genai    onnxruntime-genai, already in the project venv (test extra; it keeps onnxruntime 1.32)
 #   tfjs     @huggingface/transformers from npm, run by the machine's Node (>= 20)
+#   llamacpp_convert  llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/, from the
+#            llama-cpp-python sdist the benchmarks build (the same llama.cpp), run as its README
+#            says from the source tree: `python convert_hf_to_gguf.py` with gguf-py on the path
 # Usage: [PROJECT_PY=python] scripts/peer_clients.sh [DIR]   (default: /var/cache/gemma-export-ci/peers when
 # writable, so CI's fresh clones reuse it; else .peers in the clone). An install that fails
 # exits non-zero naming the client and the reason: the tests never skip a missing client.
@@ -61,5 +64,27 @@ PROJECT_PY=${PROJECT_PY:-.venv/bin/python}
 "$PROJECT_PY" -c "import onnxruntime_genai" 2>"$DIR/genai-import.log" \
     || fail "onnxruntime-genai: not importable by $PROJECT_PY: $(tail -1 "$DIR/genai-import.log")"
 
+# llama.cpp's converter (what writes the GGUF files people download), from the sdist on PyPI.
+LLAMA_CPP_PYTHON=0.3.36
+CONV=$DIR/llamacpp-convert
+case "$PROJECT_PY" in /*) ;; *) PROJECT_PY=$(cd "$(dirname "$PROJECT_PY")" && pwd)/$(basename "$PROJECT_PY") ;; esac
+if [ "$(cat "$CONV/.stamp" 2>/dev/null)" != "$LLAMA_CPP_PYTHON" ]; then
+    log "fetching llama.cpp's converter (llama-cpp-python $LLAMA_CPP_PYTHON sdist) into $CONV"
+    rm -rf "$CONV" "$DIR/sdist"
+    "$PROJECT_PY" -m pip download -q --no-deps --no-binary :all: -d "$DIR/sdist" \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON" >"$DIR/llamacpp-convert-install.log" 2>&1 \
+        || fail "llamacpp_convert: pip download failed: $(tail -1 "$DIR/llamacpp-convert-install.log")"
+    top=llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp
+    mkdir -p "$CONV"
+    tar xzf "$DIR/sdist/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$CONV" --strip-components=3 \
+        "$top/convert_hf_to_gguf.py" "$top/conversion" "$top/gguf-py" \
+        || fail "llamacpp_convert: the sdist has no $top/convert_hf_to_gguf.py"
+    rm -rf "$DIR/sdist"
+    echo "$LLAMA_CPP_PYTHON" >"$CONV/.stamp"
+fi
+(cd "$CONV" && PYTHONPATH=gguf-py "$PROJECT_PY" convert_hf_to_gguf.py --help) >/dev/null 2>"$DIR/llamacpp-convert-import.log" \
+    || fail "llamacpp_convert: convert_hf_to_gguf.py --help failed: $(tail -1 "$DIR/llamacpp-convert-import.log")"
+
 echo "optimum=$OPT/bin/python"
 echo "tfjs=$TFJS"
+echo "llamacpp_convert=$CONV"

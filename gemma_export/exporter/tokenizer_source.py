@@ -159,6 +159,9 @@ def build_sentencepiece_model(
 
 # llama.cpp's name for a SentencePiece vocabulary (as opposed to "gpt2" byte-level BPE, "t5", ...).
 _SENTENCEPIECE_MODEL = "llama"
+# Gemma 4's: the same kind of vocabulary (pieces with U+2581 for spaces, byte fallback), which
+# llama.cpp's converter writes from tokenizer.json as tokens plus BPE merges, every score -1000.
+_GEMMA4_MODEL = "gemma4"
 
 
 def _field(reader, key: str):
@@ -180,12 +183,14 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> bytes:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if model is None or not tokens:
         raise CheckpointError(f"{path}: the GGUF has no tokenizer vocabulary (tokenizer.ggml.tokens)")
-    if model != _SENTENCEPIECE_MODEL:
+    if model not in (_SENTENCEPIECE_MODEL, _GEMMA4_MODEL):
         raise CheckpointError(
             f"{path}: the GGUF's tokenizer is {model!r}, not a SentencePiece ({_SENTENCEPIECE_MODEL!r}) vocabulary"
         )
     scores = _field(reader, "tokenizer.ggml.scores")
     types = _field(reader, "tokenizer.ggml.token_type")
+    if model == _GEMMA4_MODEL and scores is not None and types is not None:
+        tokens, scores, types = _gemma4_vocabulary(reader, path, tokens, types)
     if scores is None or types is None:
         # BPE merge order comes from the scores, special tokens from the types: no guessing.
         raise CheckpointError(f"{path}: the GGUF's vocabulary lacks tokenizer.ggml.scores or .token_type")
@@ -216,6 +221,28 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> bytes:
         return build_sentencepiece_model(tokens, scores, types, **ids)
     except ValueError as exc:
         raise CheckpointError(f"{path}: bad tokenizer vocabulary: {exc}") from exc
+
+
+def _gemma4_vocabulary(reader, path, tokens: list, types: list) -> tuple[list, list[float], list]:
+    """Gemma 4's GGUF vocabulary as SentencePiece scores: a piece that merge r makes scores
+    -(r + 1), so SentencePiece's BPE (highest-scoring merged piece first) merges in the file's
+    order; the pieces no merge makes score 0. Tokens past the embedding's rows (the converter
+    may append one, e.g. <mask>) can never be fed or produced, so they are left out."""
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not merges:
+        raise CheckpointError(f"{path}: the GGUF's gemma4 vocabulary has no tokenizer.ggml.merges")
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    rows = int(emb.shape[1]) if emb is not None else len(tokens)
+    tokens, types = list(tokens[:rows]), list(types[:rows])
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise CheckpointError(f"{path}: bad merge {merge!r} in tokenizer.ggml.merges")
+        rank.setdefault(left + right, r)
+    scores = [-float(rank[t] + 1) if t in rank and types[i] == GGUFTokenType.NORMAL else 0.0
+              for i, t in enumerate(tokens)]
+    return tokens, scores, types
 
 
 def tokenizer_from_hf_dir(directory: str | os.PathLike) -> bytes | None:

