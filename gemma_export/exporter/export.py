@@ -359,6 +359,7 @@ def _name_nodes_and_weights(proto: onnx.ModelProto) -> None:
     inits = {i.name for i in g.initializer}
     used: Counter[str] = Counter()
     renames: dict[str, str] = {}
+    experts: dict[str, list[str]] = {}
     for n in g.node:
         if n.name.startswith("/lm_head"):
             continue
@@ -375,9 +376,29 @@ def _name_nodes_and_weights(proto: onnx.ModelProto) -> None:
         # the tracing wrapper's attribute (_Traceable.m).
         if n.op_type == "Gather" and n.input[0] in inits and n.input[0].startswith("m."):
             renames.setdefault(n.input[0], n.input[0][len("m."):])
+        if n.op_type == "GatherND" and scope and scope.endswith(".experts") and n.input[0] in inits:
+            experts.setdefault(scope, []).append(n.input[0])
         del n.metadata_props[:]  # stack traces of the tracing machine: noise in the artifact
+    renames.update(_expert_names(g, experts))
     for old, new in renames.items():
         _rename_value(proto, old, new)
+
+
+def _expert_names(g: onnx.GraphProto, experts: dict[str, list[str]]) -> dict[str, str]:
+    """The MoE block's two tables (indexed by the router's picks, so traced as GatherND on a
+    constant the exporter names val_N) by their checkpoint names: gate_up_proj [E, 2I, H] is
+    the one whose last dim is the other's middle dim (down_proj [E, H, I])."""
+    dims = {i.name: tuple(i.dims) for i in g.initializer}
+    out = {}
+    for scope, names in experts.items():
+        if len(names) != 2:
+            continue
+        a, b = names
+        if dims[b][1] == dims[a][2] and dims[a][1] == 2 * dims[b][2]:
+            out[a], out[b] = f"{scope}.gate_up_proj", f"{scope}.down_proj"
+        elif dims[a][1] == dims[b][2] and dims[b][1] == 2 * dims[a][2]:
+            out[b], out[a] = f"{scope}.gate_up_proj", f"{scope}.down_proj"
+    return out
 
 
 def _relocate_external_data(proto: onnx.ModelProto, out_dir: Path) -> None:

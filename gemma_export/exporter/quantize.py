@@ -255,6 +255,16 @@ def quantize_graph(proto: onnx.ModelProto, recipe: Recipe, gguf_path: Path | Non
             nodes.extend(_embedding(node, b, new_inits, _PLE_PREFIX, with_codes=True))
             drop.add(PLE_WEIGHT)
             summary["bits"][PLE_WEIGHT] = [b.bits, b.block_size]
+        elif kind == "experts":
+            # Gemma 4's MoE tables [E, R, K], gathered per token by the router's picks: the
+            # same codes along K as a product's, read back by GatherBlockQuantized.
+            w = node.input[0]
+            e, r, k = inits[w].dims
+            b = src.blocks(w, (e * r, k), lambda w=w, n=e * r, k=k: _array(inits, w).reshape(n, k))
+            b = b.split(recipe.activation_block or b.block_size)
+            nodes.extend(_experts(node, b, e, new_inits))
+            drop.add(w)
+            summary["bits"][w] = [b.bits, b.block_size]
         else:
             nodes.append(node)
             continue
@@ -331,7 +341,12 @@ def _kind(node: onnx.NodeProto, inits) -> str | None:
         return "embedding"
     if node.op_type == "Gather" and node.input[0] == PLE_WEIGHT:
         return "ple"
+    if node.op_type == "GatherND" and node.input[0] in inits and node.input[0].endswith(_EXPERT_TABLES):
+        return "experts"
     return None
+
+
+_EXPERT_TABLES = (".experts.gate_up_proj", ".experts.down_proj")
 
 
 _EMBED_PREFIX = "model.embed_tokens"
@@ -371,6 +386,35 @@ def _embedding(node: onnx.NodeProto, b: Blocks, inits: lazy_weights.Initializers
     ]
 
 
+def _experts(node: onnx.NodeProto, b: Blocks, e: int, inits: lazy_weights.Initializers) -> list[onnx.NodeProto]:
+    """GatherND(table [E, R, K], picks [N, k, 1]) -> [N, k, R, K] as GatherBlockQuantized
+    over the table's codes, read as [E, R * kb, blob] and quantized along the last axis (as
+    `_embedding` reads a table), on the picks without their last axis, then Reshape."""
+    rk, kb, bs = b.codes.shape
+    r = rk // e
+    p = node.input[0]
+    inits.add(pack(b.codes, b.bits).reshape(e, r * kb, -1), f"{p}.qweight")
+    inits.add(b.scales.reshape(e, r * kb, 1).astype(np.float32), f"{p}.gather_scales")
+    inputs = [f"{p}.qweight", f"{node.output[0]}/picks", f"{p}.gather_scales"]
+    if not b.default_zero_point:
+        if b.zero_points.dtype != np.uint8:
+            raise ExportError(f"{p}: float zero points cannot be gathered by GatherBlockQuantized")
+        inits.add(b.zero_points.reshape(e, r * kb, 1), f"{p}.gather_zero_points")
+        inputs.append(f"{p}.gather_zero_points")
+    inits.add(np.array([0, 0, r, kb * bs], np.int64), f"{p}.gather_shape")
+    inits.add(np.array([-1], np.int64), f"{p}.last_axis")
+    scope = node.name.rsplit("/", 1)[0]
+    tag = "gate_up" if p.endswith("gate_up_proj") else "down"
+    mid = f"{node.output[0]}/blocks"
+    return [
+        helper.make_node("Squeeze", [node.input[1], f"{p}.last_axis"], [f"{node.output[0]}/picks"],
+                         name=f"{scope}/{tag}/Squeeze"),
+        helper.make_node("GatherBlockQuantized", inputs, [mid], name=f"{scope}/{tag}/GatherBlockQuantized",
+                         domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=bs, bits=b.bits),
+        helper.make_node("Reshape", [mid, f"{p}.gather_shape"], [node.output[0]], name=f"{scope}/{tag}/Reshape"),
+    ]
+
+
 def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Checkpoint-named fp32 weights [N, K] that the MatMulNBits nodes of `proto` compute
     with, e.g. {"model.layers.0.self_attn.q_proj.weight": ..., "model.embed_tokens.weight": ...}.
@@ -381,6 +425,12 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     for node in proto.graph.node:
         if node.op_type == "GatherBlockQuantized" and node.input[0] == f"{_PLE_PREFIX}.qweight":
             out[PLE_WEIGHT] = _gathered_table(node, inits)
+        if node.op_type == "GatherBlockQuantized" and node.input[0].endswith(tuple(f"{t}.qweight"
+                                                                                  for t in _EXPERT_TABLES)):
+            name = node.input[0][: -len(".qweight")]
+            shape = lazy_weights.array(inits[f"{name}.gather_shape"])
+            e = inits[node.input[0]].dims[0]
+            out[name] = _gathered_table(node, inits).reshape(e, int(shape[2]), int(shape[3]))
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: a.i for a in node.attribute}

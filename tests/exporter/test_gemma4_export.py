@@ -138,8 +138,8 @@ def test_onnx_matches_transformers_directly(gemma4_artifacts, name):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_integer_recipe_computes_its_dequantized_weights(gemma4_artifacts, tmp_path, name, precision):
     """accuracy_level 0: the quantized graph is exactly the PyTorch model holding the
-    weights it dequantizes to, the PLE table included (gathered by GatherBlockQuantized
-    from its own codes, never stored in fp32)."""
+    weights it dequantizes to, the PLE table and the MoE experts included (gathered by
+    GatherBlockQuantized from their own codes, never stored in fp32)."""
     src, _ = gemma4_artifacts[name]
     out = tmp_path / precision
     quantize_artifact(src, out, precision=precision, verify=False, options=RecipeOptions(accuracy_level=0))
@@ -154,6 +154,11 @@ def test_integer_recipe_computes_its_dequantized_weights(gemma4_artifacts, tmp_p
         gathered = sorted(n.input[0] for n in gbq)
         assert gathered == ["model.embed_tokens.qweight", "model.embed_tokens_per_layer.qweight"]
         assert not [i for i in proto.graph.initializer if i.name == "model.embed_tokens_per_layer.weight"]
+    if cfg.num_experts:  # the experts' tables too: gathered from their codes, none left fp32
+        tables = {f"model.layers.{i}.experts.{t}" for i in range(cfg.num_hidden_layers)
+                  for t in ("gate_up_proj", "down_proj")}
+        assert tables <= weights.keys()
+        assert not tables & {i.name for i in proto.graph.initializer}
     for k, w in weights.items():
         assert state[k].shape == w.shape, k
         state[k] = torch.from_numpy(w)
