@@ -58,7 +58,21 @@ def load(path: Path) -> onnx.ModelProto:
         if not where.is_relative_to(base) or not where.is_file():
             raise ArtifactError(
                 f"{path}: {t.name}'s weights file {info.get('location')!r} is not in the graph's folder")
-        _set_info(t, str(where), int(info.get("offset", 0)), int(info["length"]))
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        if length < SMALL:
+            # Read small ones now, as onnx.load would: they stay inline in the graph (the
+            # exporter's own threshold put some in the file), so every graph written from
+            # this one (a portable sibling too) holds them without the weights file.
+            with open(where, "rb") as f:
+                f.seek(offset)
+                raw = f.read(length)
+            if len(raw) != length:
+                raise ArtifactError(f"{path}: {t.name}'s weights file ends before its {length} bytes")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
+            continue
+        _set_info(t, str(where), offset, length)
     return proto
 
 

@@ -274,6 +274,37 @@ def test_lazy_weights_refuses_a_weights_file_outside_the_graphs_folder(tmp_path)
     assert "\n" not in str(e.value)
 
 
+def test_lazy_weights_reads_small_tensors_inline(tmp_path):
+    """A tensor under SMALL bytes that the exporter put in the weights file is read into the
+    graph at load, as onnx.load would (a graph written from it, the portable sibling whose
+    rewrites drop it from the fused graph included, then holds it inline); a large one stays
+    in the file, mapped."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from gemma_export.exporter import lazy_weights
+
+    small, large = np.arange(4, dtype=np.int64), np.arange(2048, dtype=np.float32)
+    (tmp_path / "w.bin").write_bytes(small.tobytes() + large.tobytes())
+    tensors = []
+    for name, a, offset in (("small", small, 0), ("large", large, small.nbytes)):
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", "w.bin"), ("offset", str(offset)), ("length", str(a.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        tensors.append(t)
+    g = helper.make_graph([helper.make_node("Identity", ["large"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2048])], tensors)
+    onnx.save(helper.make_model(g), str(tmp_path / "model.onnx"))
+    proto = lazy_weights.load(tmp_path / "model.onnx")
+    got = {t.name: t for t in proto.graph.initializer}
+    assert got["small"].data_location != onnx.TensorProto.EXTERNAL
+    np.testing.assert_array_equal(numpy_helper.to_array(got["small"]), small)
+    assert got["large"].data_location == onnx.TensorProto.EXTERNAL
+    np.testing.assert_array_equal(lazy_weights.array(got["large"]), large)
+
+
 def test_lazy_weights_save_writes_what_onnx_save_writes(tiny_artifacts, tmp_path):
     """A graph read lazily and saved a tensor at a time loads (onnx.load, weights and all)
     to the same initializers as the graph it was read from."""
