@@ -1,7 +1,8 @@
 """A graph whose weights stay in their file until a recipe reads them, one tensor at a time.
 
-    load(path) -> proto         the graph; its external initializers still point into the
-                                weights file beside it (by absolute path)
+    load(path) -> proto         the graph; its external initializers of SMALL bytes or more
+                                still point into the weights file beside it (by absolute
+                                path), smaller ones are read inline as onnx.load reads them
     array(t) -> ndarray         one initializer's values: a read-only memory map of its bytes
                                 for one still in the file, numpy_helper.to_array otherwise
     Initializers(scratch)       the tensors a recipe makes: `.add(array, name)` keeps a small
