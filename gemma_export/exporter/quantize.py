@@ -361,57 +361,54 @@ def _lm_head(node: onnx.NodeProto, b: Blocks, inits: lazy_weights.Initializers, 
 
 def _embedding(node: onnx.NodeProto, b: Blocks, inits: lazy_weights.Initializers, p: str = _EMBED_PREFIX,
                with_codes: bool = False) -> list[onnx.NodeProto]:
-    """Gather -> GatherBlockQuantized over the same packed codes (read as [V, kb, blob],
-    quantized along axis 2), then Reshape [B, S, kb, bs] -> [B, S, H]. The tied
-    embedding's codes are written by the LM head's MatMulNBits; `with_codes` writes them
+    """Gather -> GatherBlockQuantized over the same packed codes, then Reshape
+    [B, S, kb, bs] -> [B, S, H]. The tied embedding's codes are written by the LM head's
+    MatMulNBits ([V, kb, blob], the layout `_gathered` reads); `with_codes` writes them
     here (a table nothing else reads: the PLE)."""
     v, kb, bs = b.codes.shape
-    if with_codes:
-        inits.add(pack(b.codes, b.bits), f"{p}.qweight")
-    inits.add(b.scales.reshape(v, kb, 1).astype(np.float32), f"{p}.gather_scales")
-    inputs = [f"{p}.qweight", node.input[1], f"{p}.gather_scales"]
-    if not b.default_zero_point:
-        if b.zero_points.dtype != np.uint8:
-            raise ExportError("the embedding's zero points must be integers for GatherBlockQuantized")
-        # one zero point per byte (low nibble for 4 bits): the quantized axis has length 1
-        inits.add(b.zero_points.reshape(v, kb, 1), f"{p}.gather_zero_points")
-        inputs.append(f"{p}.gather_zero_points")
-    inits.add(np.array([0, 0, kb * bs], np.int64), f"{p}.gather_shape")
-    mid = f"{node.output[0]}/blocks"
-    scope = "/" + p.replace(".", "/")
-    return [
-        helper.make_node("GatherBlockQuantized", inputs, [mid], name=f"{scope}/GatherBlockQuantized",
-                         domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=bs, bits=b.bits),
-        helper.make_node("Reshape", [mid, f"{p}.gather_shape"], [node.output[0]], name=f"{scope}/Reshape"),
-    ]
+    return _gathered(b, v, node.input[1], node.output[0], [0, 0, kb * bs], p, "/" + p.replace(".", "/"), inits,
+                     with_codes)
 
 
 def _experts(node: onnx.NodeProto, b: Blocks, e: int, inits: lazy_weights.Initializers) -> list[onnx.NodeProto]:
     """GatherND(table [E, R, K], picks [N, k, 1]) -> [N, k, R, K] as GatherBlockQuantized
-    over the table's codes, read as [E, R * kb, blob] and quantized along the last axis (as
-    `_embedding` reads a table), on the picks without their last axis, then Reshape."""
+    over the table's codes (`_gathered`, E tables of R * kb blocks) on the picks without
+    their last axis, then Reshape."""
     rk, kb, bs = b.codes.shape
-    r = rk // e
     p = node.input[0]
-    inits.add(pack(b.codes, b.bits).reshape(e, r * kb, -1), f"{p}.qweight")
-    inits.add(b.scales.reshape(e, r * kb, 1).astype(np.float32), f"{p}.gather_scales")
-    inputs = [f"{p}.qweight", f"{node.output[0]}/picks", f"{p}.gather_scales"]
+    scope = f"{node.name.rsplit('/', 1)[0]}/{'gate_up' if p.endswith('gate_up_proj') else 'down'}"
+    picks = f"{node.output[0]}/picks"
+    nodes = _gathered(b, e, picks, node.output[0], [0, 0, rk // e, kb * bs], p, scope, inits, with_codes=True)
+    inits.add(np.array([-1], np.int64), f"{p}.last_axis")
+    squeeze = helper.make_node("Squeeze", [node.input[1], f"{p}.last_axis"], [picks], name=f"{scope}/Squeeze")
+    return [squeeze, *nodes]
+
+
+def _gathered(b: Blocks, tables: int, indices: str, out: str, shape: list[int], p: str, scope: str,
+              inits: lazy_weights.Initializers, with_codes: bool) -> list[onnx.NodeProto]:
+    """out = Reshape(GatherBlockQuantized(codes, indices), shape): b's rows as `tables`
+    entries of [rows / tables * kb, blob] codes, gathered along axis 0 and quantized along
+    axis 2 (one block per row of it, scales and zero points [.., 1]); `shape`'s zeros copy
+    the leading dims. `with_codes` writes the codes as `{p}.qweight` (else they are there)."""
+    n, kb, bs = b.codes.shape
+    m = n // tables * kb
+    if with_codes:
+        inits.add(pack(b.codes, b.bits).reshape(tables, m, -1), f"{p}.qweight")
+    inits.add(b.scales.reshape(tables, m, 1).astype(np.float32), f"{p}.gather_scales")
+    inputs = [f"{p}.qweight", indices, f"{p}.gather_scales"]
     if not b.default_zero_point:
         if b.zero_points.dtype != np.uint8:
-            raise ExportError(f"{p}: float zero points cannot be gathered by GatherBlockQuantized")
-        inits.add(b.zero_points.reshape(e, r * kb, 1), f"{p}.gather_zero_points")
+            raise ExportError(f"{p}: float zero points (GGUF K-quant blocks) cannot be gathered by "
+                              "GatherBlockQuantized")
+        # one zero point per byte (low nibble for 4 bits): the quantized axis has length 1
+        inits.add(b.zero_points.reshape(tables, m, 1), f"{p}.gather_zero_points")
         inputs.append(f"{p}.gather_zero_points")
-    inits.add(np.array([0, 0, r, kb * bs], np.int64), f"{p}.gather_shape")
-    inits.add(np.array([-1], np.int64), f"{p}.last_axis")
-    scope = node.name.rsplit("/", 1)[0]
-    tag = "gate_up" if p.endswith("gate_up_proj") else "down"
-    mid = f"{node.output[0]}/blocks"
+    inits.add(np.array(shape, np.int64), f"{p}.gather_shape")
+    mid = f"{out}/blocks"
     return [
-        helper.make_node("Squeeze", [node.input[1], f"{p}.last_axis"], [f"{node.output[0]}/picks"],
-                         name=f"{scope}/{tag}/Squeeze"),
-        helper.make_node("GatherBlockQuantized", inputs, [mid], name=f"{scope}/{tag}/GatherBlockQuantized",
+        helper.make_node("GatherBlockQuantized", inputs, [mid], name=f"{scope}/GatherBlockQuantized",
                          domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=bs, bits=b.bits),
-        helper.make_node("Reshape", [mid, f"{p}.gather_shape"], [node.output[0]], name=f"{scope}/{tag}/Reshape"),
+        helper.make_node("Reshape", [mid, f"{p}.gather_shape"], [out], name=f"{scope}/Reshape"),
     ]
 
 
@@ -461,7 +458,7 @@ def dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _gathered_table(node: onnx.NodeProto, inits: dict) -> np.ndarray:
-    """The fp32 table [V, K] a GatherBlockQuantized of `_embedding` (with_codes) reads."""
+    """The fp32 table [V, K] a GatherBlockQuantized of `_gathered` reads ([V, kb, blob] codes)."""
     attrs = {a.name: a.i for a in node.attribute}
     bits, bs = attrs["bits"], attrs["block_size"]
     codes = unpack(lazy_weights.array(inits[node.input[0]]), bits, bs)  # [V, kb, bs]
