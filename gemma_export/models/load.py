@@ -42,14 +42,16 @@ class Checkpoint:
     kind: str  # "hf" | "gguf" | "preset"
     path: Path | None  # the directory or file loaded; None for presets
     description: str  # for messages and the manifest, e.g. "gguf:/x/gemma.gguf"
-    weights: PresetWeights | None = None  # presets: the same weights, tensor by tensor
+    weights: PresetWeights | TrainedWeights | None = None  # presets: the same weights, tensor by tensor
 
     @property
     def model(self) -> GemmaForCausalLM | Gemma4ForCausalLM:
         if self.built is None:
             assert self.weights is not None, "a checkpoint without a model has per-tensor weights"
             cfg = self.config
-            self.built = build_model(cfg, random_weights(cfg, self.weights.seed), cfg.name)
+            w = self.weights
+            state = random_weights(cfg, w.seed) if isinstance(w, PresetWeights) else dict(w.items())
+            self.built = build_model(cfg, state, cfg.name)
         return self.built
 
 
@@ -264,6 +266,42 @@ class PresetWeights:
         # In place: E2B's per-layer table alone is 9.4 GB, so no temporary of its size
         # (the values are those of base + randn * std, rounding included).
         return torch.randn(shape, generator=gen).mul_(std).add_(base)
+
+
+# Tiny presets that ship trained weights (scripts/train_tiny_presets.py; sources and
+# measurements in models/data/TRAINED.md): their seeded random weights trained briefly on
+# redistributable text, so that their logits have a language model's margins and the parity
+# table's top-1 rows judge a recipe, not the flat argmaxes of a random model.
+TRAINED_PRESETS = ("tiny-gemma4", "tiny-gemma4-moe")
+TRAINED_DIR = Path(__file__).parent / "data"
+
+
+class TrainedWeights:
+    """A trained preset's shipped weights, with PresetWeights' interface (`shapes`,
+    `names()`, `items()`, `tensor(name)`), read from its safetensors file."""
+
+    def __init__(self, cfg: GemmaConfig, path: Path):
+        from safetensors import safe_open
+
+        self.cfg, self.path = cfg, path
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read the trained weights of {cfg.name} ({exc})") from exc
+
+    def names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def items(self):
+        for name in self.names():
+            yield name, self.tensor(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def random_weights(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -575,9 +613,11 @@ def bundled_gguf_path() -> Path:
 # -- entry point ---------------------------------------------------------------------------
 
 
-def load_model(spec: str | Path | None = None, *, seed: int = 0) -> Checkpoint:
+def load_model(spec: str | Path | None = None, *, seed: int | None = None) -> Checkpoint:
     """Load whatever `spec` names: None or "gemma3-270m" (bundled real weights), a preset
-    name, a Hugging Face checkpoint directory, or a .gguf file."""
+    name, a Hugging Face checkpoint directory, or a .gguf file. A preset's weights are its
+    shipped trained ones where it has them (TRAINED_PRESETS), else drawn with seed 0; a
+    `seed` draws random weights with it instead (tests that need a random model)."""
     if spec is None or str(spec) == DEFAULT_MODEL:
         ckpt = load_gguf(bundled_gguf_path())
         ckpt.description = f"{DEFAULT_MODEL} ({ckpt.description})"
@@ -585,7 +625,11 @@ def load_model(spec: str | Path | None = None, *, seed: int = 0) -> Checkpoint:
     s = str(spec)
     if s in PRESETS:
         cfg = preset_config(s)
-        return Checkpoint(None, cfg, "preset", None, cfg.name, weights=PresetWeights(cfg, seed))
+        if seed is None and s in TRAINED_PRESETS:
+            weights = TrainedWeights(cfg, TRAINED_DIR / f"{s}.safetensors")
+        else:
+            weights = PresetWeights(cfg, seed or 0)
+        return Checkpoint(None, cfg, "preset", None, cfg.name, weights=weights)
     p = Path(s).expanduser()
     if p.is_dir():
         return load_hf_dir(p)

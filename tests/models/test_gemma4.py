@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +240,43 @@ def test_kv_sharing_needs_a_source_of_each_type():
 def test_presets_registered():
     names = {"tiny-gemma4", "tiny-gemma4-moe", "gemma4-e2b", "gemma4-e4b", "gemma4-26b-a4b", "gemma4-31b"}
     assert names <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", TINY4)
+def test_tiny_presets_load_their_trained_weights(name):
+    """A tiny Gemma 4 preset is its shipped trained weights (models/data/TRAINED.md): it
+    predicts the next byte of English far better than its random start (seed 0, which a
+    `seed` still gives), and both load strictly into the preset's config."""
+    from gemma_export.exporter.tokenizer_source import preset_tokenizer
+    from gemma_export.runtime.tokenizer import Tokenizer
+
+    trained, start = load_model(name), load_model(name, seed=0)
+    cfg = trained.config
+    tok = Tokenizer.from_bytes(preset_tokenizer(cfg.vocab_size, cfg.family))
+    ids = torch.tensor([tok.encode("The committee agreed that every member of the family has the right to rest.")])
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+
+    def loss(model):
+        with torch.no_grad():
+            logits, _ = model(ids, mask, pos, model.empty_cache(1))
+        return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
+
+    assert loss(trained.model) < 3.0 < 5.0 < loss(start.model)
+
+
+def test_training_script_trains_a_preset():
+    """scripts/train_tiny_presets.py's loop: a few steps change every weight matrix and
+    keep the preset's names and shapes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "train_tiny_presets.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_presets", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ids = list(np.random.default_rng(0).integers(6, 512, 2000))
+    state, loss = script.train("tiny-gemma4", ids, steps=3, log=lambda _: None)
+    start = random_weights(preset_config("tiny-gemma4"), 0)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in start.items()}
+    assert all(not torch.equal(state[k], start[k]) for k in start if start[k].dim() == 2)
+    assert np.isfinite(loss)
