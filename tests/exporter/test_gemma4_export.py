@@ -177,35 +177,38 @@ def graph_vs_model(artifact, model) -> float:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
-def test_fp16_meets_thresholds(gemma4_artifacts, tmp_path):
-    src, _ = gemma4_artifacts["tiny-gemma4"]
-    res = quantize_artifact(src, tmp_path / "fp16", precision="fp16")
+# The presets ship trained weights (models/data/TRAINED.md), so their logits have a language
+# model's margins and the table's top-1 rows judge the recipe. The dense preset's cheapest
+# rows stay in the fast tier.
+def _tier(name, precision):
+    fast = name == "tiny-gemma4" and precision in ("fp16", "bf16")
+    return pytest.param(name, precision, marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize(("name", "precision"), [_tier(n, p) for n in TINY4 for p in ("fp16", "int8")])
+def test_meets_the_parity_table(gemma4_artifacts, tmp_path, name, precision):
+    src, _ = gemma4_artifacts[name]
+    res = quantize_artifact(src, tmp_path / precision, precision=precision)
     assert res["parity"]["passed"], res["parity_table"]
 
 
-# The rows bf16 must pass on random weights, as for the tiny Gemma 1-3 presets
-# (tests/exporter/test_narrow.py test_bf16_tiny_families); only the top-1 rows may miss.
-BF16_MUST_PASS = ("logits relative L2", "non-finite logits", "prefill+decode vs one forward (rel L2)",
-                  "ragged batch vs alone (rel L2)")
-
-
-def test_bf16_misses_only_top1_like_gemma3(gemma4_artifacts, tmp_path):
-    """bf16's miss on tiny-gemma4 is the 8-bit mantissa's, not a Gemma 4 cast: every row but
-    top-1 agreement passes, and top-1 misses as tiny-gemma3's does (PyTorch simulation of the
-    recipe's roundings over the 23751-token corpus, 2026-12-02: tiny-gemma4 98.40%, tiny-gemma3
-    98.48%; no group of products carries it, docs/design.md). Fails when bf16 passes the whole
-    table (then bf16 joins fp16 above), like the strict xfail it replaces."""
-    src, _ = gemma4_artifacts["tiny-gemma4"]
+@pytest.mark.parametrize(("name", "precision"), [_tier(n, p) for n in TINY4 for p in ("bf16", "int4")])
+def test_misses_only_top1_like_the_real_gemma3(gemma4_artifacts, tmp_path, name, precision):
+    """bf16 and int4 miss the table's top-1 rows here as they do on the real Gemma 3 270M
+    (its strict xfails; docs/design.md): bf16's 8-bit mantissa flips near-ties on a domain or
+    more (2026-12-03, Intel Xeon: tiny-gemma4 held-out Korean 98.74%, corpus 99.25%;
+    tiny-gemma4-moe four domains 98.35-98.98%), int4 keeps 77% (the real 270M 67%). Every
+    other row passes. Fails when the recipe passes the whole table (then it joins the test
+    above), like a strict xfail."""
+    src, _ = gemma4_artifacts[name]
     try:
-        res = quantize_artifact(src, tmp_path / "bf16", precision="bf16")
+        res = quantize_artifact(src, tmp_path / precision, precision=precision)
     except ParityError as e:
         res = e.result
     metrics = {m["name"]: m for m in res["parity"]["metrics"]}
-    for key in BF16_MUST_PASS:
-        assert metrics[key]["passed"], res["parity_table"]
-    missed = [name for name, m in metrics.items() if not m["passed"]]
-    assert all("top-1 agreement" in name for name in missed), res["parity_table"]
-    assert missed, "bf16 passes the whole table on tiny-gemma4 now: test it like fp16"
+    missed = [k for k, m in metrics.items() if not m["passed"]]
+    assert all("top-1 agreement" in k for k in missed), res["parity_table"]
+    assert missed, f"{precision} passes the whole table on {name} now: test it with the passing ones"
 
 
 def test_runtime_generates_with_chat_format(gemma4_artifacts):
