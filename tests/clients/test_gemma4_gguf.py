@@ -2,8 +2,8 @@
 
 The files come from llama.cpp's own converter (convert_hf_to_gguf.py, fetched by
 scripts/peer_clients.sh and run from its source tree as its README says), run on the tiny
-Gemma 4 presets saved as Hugging Face checkpoints (random weights, the presets' byte-level
-tokenizer): the dense preset (per-layer embeddings, kv-shared layers without k / v, double-wide
+Gemma 4 presets saved as Hugging Face checkpoints (their shipped trained weights, the presets'
+byte-level tokenizer): the dense preset (per-layer embeddings, kv-shared layers without k / v, double-wide
 MLPs, wider global heads, proportional RoPE) and the MoE preset (k = v and fewer kv heads on
 global layers, router and experts). The oracle is transformers on the same checkpoint folder.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.models.test_gemma4 import hf_twin, ours, ragged
+from tests.models.test_gemma4 import hf_twin, ragged
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,9 @@ TINY4 = ("tiny-gemma4", "tiny-gemma4-moe")
 def _hf_dir(name: str, d: Path) -> Path:
     """The preset as a Hugging Face checkpoint folder: config, safetensors, tokenizer files."""
     from gemma_export.exporter import hf_tokenizer, tokenizer_source
+    from gemma_export.models.load import load_model
 
-    model = ours(name)
+    model = load_model(name).model
     hf_twin(model).save_pretrained(d)
     cfg = model.config
     tok = tokenizer_source.preset_tokenizer(cfg.vocab_size, cfg.family)
@@ -139,3 +140,16 @@ def test_gguf_recipe_carries_llama_cpp_q8_0_blocks(converted, tmp_path, name):
         assert "model.embed_tokens_per_layer.weight" in bits
     rel = graph_vs_model(out, load_model(str(gguf)).model)
     assert rel <= 1e-5, f"relative L2 {rel:.3g}"
+
+
+@pytest.mark.parametrize("name", TINY4)
+def test_gguf_recipe_meets_the_parity_table(converted, tmp_path, name):
+    """--precision gguf on the q8_0 file, as a user runs it (int8 activations, outlier
+    channels, blocks of 16): the gguf row of the parity table against the model the file
+    holds, on the corpus and every held-out domain. The presets' trained weights give their
+    logits real margins (models/data/TRAINED.md); random ones would judge flat argmaxes."""
+    from gemma_export.exporter.pipeline import export_artifact
+
+    _, gguf = converted(name, "q8_0")
+    res = export_artifact(str(gguf), tmp_path / "gguf", precision="gguf")
+    assert res["parity"]["passed"], res["parity_table"]
