@@ -294,8 +294,11 @@ class TrainedWeights:
         return sorted(self.shapes)
 
     def items(self):
-        for name in self.names():
-            yield name, self.tensor(name)
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:  # opened once, not once a tensor
+            for name in self.names():
+                yield name, f.get_tensor(name)
 
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
