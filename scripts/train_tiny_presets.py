@@ -120,11 +120,11 @@ def train(name: str, ids, steps: int, log=print):
     random windows of `ids` (next-token cross entropy, cosine learning rate)."""
     import torch
 
-    from gemma_export.models.load import PresetWeights, build_model, preset_config
+    from gemma_export.models.load import build_model, preset_config, random_weights
 
     torch.manual_seed(0)
     cfg = preset_config(name)
-    model = build_model(cfg, dict(PresetWeights(cfg, 0).items()), cfg.name).train()
+    model = build_model(cfg, random_weights(cfg, 0), cfg.name).train()
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
