@@ -12,7 +12,8 @@ Recipes (each records itself and its parameters in the manifest):
          Asymmetric and GPTQ because each keeps more corpus top-1 agreement on Gemma 3
          270M (measured in docs/design.md).
   int8 and gguf take their products' outlier input channels out of the int8 activation
-         rounding (rewrites/outlier_channels.py, chosen on text the model samples).
+         rounding (rewrites/outlier_channels.py, chosen on text the model samples) and
+         recompute the LM head's largest logits in fp32 (rewrites/exact_head.py).
   gguf   the blocks a GGUF source already holds (Q8_0, Q5_0, Q6_K, Q4_K), carried into
          MatMulNBits / GatherBlockQuantized without a second rounding: the artifact
          computes what the GGUF computes. Re-rounding already-quantized weights onto
@@ -59,6 +60,7 @@ from gemma_export.exporter.blocks import (
 )
 from gemma_export.exporter.gguf_blocks import gguf_blocks
 from gemma_export.exporter.rewrites import MS_DOMAIN, ensure_ms_opset
+from gemma_export.exporter.rewrites.exact_head import EXACT_TOP_K, HEAD_NODE
 from gemma_export.exporter.rewrites.pack_projections import packed_rows
 from gemma_export.models.gguf_names import gguf_name
 
@@ -94,6 +96,10 @@ class Recipe:
     # it is also the length of each int8 activation block, so a finer grid for the
     # activations. 0: the blocks as rounded / as in the file.
     activation_block: int = 0
+    # The LM head's `exact_top_k` largest logits recomputed in fp32 from the same codes
+    # (rewrites/exact_head.py), the head's input then keeping all its channels in the
+    # rounding (no outlier split). 0: none. Only matters at accuracy_level 4.
+    exact_top_k: int = 0
 
     @property
     def outlier_block(self) -> int:
@@ -105,14 +111,14 @@ class Recipe:
 
 
 RECIPES = {
-    # int8 / gguf: outlier channels beyond 4x their block's median peak computed in fp32, and
-    # MatMulNBits blocks (so int8 activation blocks) of 16 (measured on the held-out texts,
-    # docs/design.md); int4's miss is its weights.
+    # int8 / gguf: the LM head's 16 largest logits recomputed in fp32, and the decoder's
+    # outlier channels beyond 4x their block's median peak computed in fp32 (measured on the
+    # held-out texts and for speed, docs/design.md); int4's miss is its weights.
     "int8": Recipe("int8", bits=8, block_size=32, symmetric=True, accuracy_level=4, outlier_ratio=4.0,
-                   activation_block=16),
+                   exact_top_k=16),
     "int4": Recipe("int4", bits=4, block_size=32, symmetric=False, accuracy_level=4, gptq=True),
     "gguf": Recipe("gguf", bits=0, block_size=0, symmetric=False, accuracy_level=4, outlier_ratio=4.0,
-                   activation_block=16),
+                   exact_top_k=16),
 }
 
 
@@ -314,7 +320,8 @@ def rounded_inputs(proto: onnx.ModelProto) -> list[str]:
 
 def product_table(proto: onnx.ModelProto) -> dict[str, dict[str, int]]:
     """{MatMulNBits node: {"bits", "block_size", "accuracy_level", "outlier_channels"}} of a
-    finished graph: the manifest's record of how each product computes."""
+    finished graph: the manifest's record of how each product computes; the LM head's entry
+    also says how many of its largest logits are recomputed in fp32 ("exact_top_k")."""
     inits = {i.name: i for i in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}
     out = {}
@@ -328,6 +335,9 @@ def product_table(proto: onnx.ModelProto) -> dict[str, dict[str, int]]:
             outliers = int((lazy_weights.array(inits[keep.input[1]]) == 0).sum())
         out[n.name] = {"bits": a["bits"], "block_size": a["block_size"], "accuracy_level": a.get("accuracy_level", 0),
                        "outlier_channels": outliers}
+    k = inits.get(EXACT_TOP_K)
+    if k is not None and HEAD_NODE in out:
+        out[HEAD_NODE]["exact_top_k"] = int(lazy_weights.array(k)[0])
     return out
 
 
@@ -356,7 +366,7 @@ _PLE_PREFIX = "model.embed_tokens_per_layer"
 def _lm_head(node: onnx.NodeProto, b: Blocks, inits: lazy_weights.Initializers, level: int) -> list[onnx.NodeProto]:
     """Gemm(h2d, E, transB=1) reads E as [V, H] = [N, K]: exactly MatMulNBits' layout."""
     assert any(a.name == "transB" and a.i == 1 for a in node.attribute)
-    return _matmulnbits("/lm_head/MatMulNBits", node.input[0], node.output[0], b, _EMBED_PREFIX, inits, level)
+    return _matmulnbits(HEAD_NODE, node.input[0], node.output[0], b, _EMBED_PREFIX, inits, level)
 
 
 def _embedding(node: onnx.NodeProto, b: Blocks, inits: lazy_weights.Initializers, p: str = _EMBED_PREFIX,

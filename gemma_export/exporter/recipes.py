@@ -182,8 +182,17 @@ class IntegerRecipe(_WithParams):
 
         proto = _load(job.fp32_model)
         moments = _gptq_moments(job, proto, self.params) if self.params.gptq else None
-        outliers = _outlier_channels(job, proto, self.params) if self._splits_outliers() else {}
+        exact_head = self.params.exact_top_k > 0 and self.params.accuracy_level == 4
+        # With the head's top logits recomputed exactly, its input's outlier split would
+        # only refine the logits that decide nothing.
+        inputs = list(product_inputs(proto)) if exact_head else rounded_inputs(proto)
+        outliers = _outlier_channels(job, proto, self.params, inputs) if self._splits_outliers() else {}
         summary = quantize_graph(proto, self.params, job.gguf_path, job.progress, moments, scratch=_scratch(job))
+        if exact_head:
+            from gemma_export.exporter.rewrites import Graph
+            from gemma_export.exporter.rewrites.exact_head import exact_top_k
+
+            summary["exact_top_k"] = exact_top_k(Graph(proto), self.params.exact_top_k)
         if outliers:
             from gemma_export.exporter.rewrites import Graph
             from gemma_export.exporter.rewrites.outlier_channels import split_outlier_channels
@@ -242,7 +251,7 @@ def _gptq_moments(job: Job, proto, recipe: Recipe):
     return InputMoments(job.fp32_model, ids, product_inputs(proto))
 
 
-def _outlier_channels(job: Job, proto, recipe: Recipe) -> dict:
+def _outlier_channels(job: Job, proto, recipe: Recipe, inputs: list[str]) -> dict:
     """{product input: its outlier channels}, from peaks over text the fp32 graph samples
     (never the evaluation text)."""
     from gemma_export.exporter.calibrate import channel_peaks, outlier_channels, sample_tokens
@@ -252,7 +261,7 @@ def _outlier_channels(job: Job, proto, recipe: Recipe) -> dict:
         ids = sample_tokens(job.fp32_model, bos_id=job.cfg.bos_token_id, sequences=recipe.outlier_sequences,
                             length=length, seed=recipe.gptq_seed, progress=job.progress)
     with job.progress.stage("measuring channel peaks"):
-        peaks = channel_peaks(job.fp32_model, ids, rounded_inputs(proto))
+        peaks = channel_peaks(job.fp32_model, ids, inputs)
     return {name: outlier_channels(p, recipe.outlier_block, recipe.outlier_ratio) for name, p in peaks.items()}
 
 

@@ -446,47 +446,6 @@ BF16_MISS = (
 )
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="replace"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-# MatMulNBits' int8-activation kernels differ by CPU: where ONNX Runtime takes its AVX-512
-# VNNI path the held-out rows come out differently from the AVX2 path (docs/design.md,
-# "Outlier channels": gguf Russian 94.78% on an AMD EPYC and 94.15% on an Intel Xeon, both
-# with avx512_vnni, 96.2% on one without), so a miss can hold on one kind of CPU only.
-AVX512_VNNI = "avx512_vnni" in _cpu_flags()
-
-# Held-out domains a recipe misses, measured (docs/design.md, "Outlier channels"): (reason,
-# whether it applies on this CPU). Each is a strict xfail below where it applies (so it
-# fails the day it passes), a plain test elsewhere, and the recipe's other rows must pass.
-HELDOUT_MISSES = {
-    ("int8", "russian"): (
-        "Known miss, measured: int8 (RTN weights, outlier channels at ratio 4, MatMulNBits blocks of 16) keeps "
-        "94.8% (AVX2) / 94.99% (AVX-512 VNNI) top-1 on the 479-token Russian held-out text (KL from fp32 "
-        "0.0034; 93.5% / 0.0051 with blocks of 32, 93.7% / 0.0077 before the outlier channels), under the 95% "
-        "of docs/design.md; the other six domains 95.8-98.3%. strict: update when it passes.",
-        True,
-    ),
-    ("gguf", "russian"): (
-        "Known miss on CPUs with AVX-512 VNNI, measured: the gguf recipe keeps 94.78% top-1 (454 of 479) on the "
-        "Russian held-out text on an AMD EPYC (Zen 4) where ONNX Runtime's int8-activation kernels take the "
-        "AVX-512 VNNI path (94.15%, 451 of 479, on an Intel Xeon with AVX-512 VNNI and AMX), 96.2% on the "
-        "AVX2-only host it was tuned on. strict: update when it passes.",
-        AVX512_VNNI,
-    ),
-}
-
-
-def _known_misses(precision: str) -> set[str]:
-    return {d for (p, d), (_, applies) in HELDOUT_MISSES.items() if p == precision and applies}
-
-
 @pytest.mark.real
 @pytest.mark.parametrize(
     "precision",
@@ -494,25 +453,20 @@ def _known_misses(precision: str) -> set[str]:
      pytest.param("int4", marks=pytest.mark.xfail(strict=True, reason=INT4_MISS)), "gguf"],
 )
 def test_real_recipes_meet_thresholds(real_quantized, precision):
-    """Every row of the parity report passes, but the held-out domains listed in
-    HELDOUT_MISSES (tested on their own, strict xfail)."""
+    """Every row of the parity report passes, the held-out domains' included."""
     out, res = real_quantized[precision]
-    known = tuple(f"held-out {d} " for d in _known_misses(precision))
-    missed = [m["name"] for m in res["parity"]["metrics"] if not m["passed"] and not m["name"].startswith(known)]
+    missed = [m["name"] for m in res["parity"]["metrics"] if not m["passed"]]
     assert not missed, res["parity_table"]
 
 
 def _heldout_cases():
     from gemma_export.contract import HELDOUT_DOMAINS
 
-    for p in ("int8", "gguf"):
-        for d in HELDOUT_DOMAINS:
-            reason, applies = HELDOUT_MISSES.get((p, d), (None, False))
-            yield pytest.param(p, d, marks=[pytest.mark.xfail(strict=True, reason=reason)] if applies else [])
+    return [(p, d) for p in ("int8", "gguf") for d in HELDOUT_DOMAINS]
 
 
 @pytest.mark.real
-@pytest.mark.parametrize(("precision", "domain"), list(_heldout_cases()))
+@pytest.mark.parametrize(("precision", "domain"), _heldout_cases())
 def test_real_heldout_domain_meets_thresholds(real_quantized, precision, domain):
     """Text no recipe is tuned on (English prose, dialogue, Korean, Japanese, Russian, code,
     numbers): top-1 and perplexity by the parity table's int8 / gguf rows."""
@@ -528,13 +482,15 @@ def test_real_heldout_domain_meets_thresholds(real_quantized, precision, domain)
 @pytest.mark.real
 @pytest.mark.parametrize("precision", ["int8", "gguf"])
 def test_real_manifest_records_every_product(real_quantized, precision):
-    """The manifest says how every product computes: all at accuracy_level 4, most with
-    outlier channels in fp32 beside them, the LM head among them."""
+    """The manifest says how every product computes: all at accuracy_level 4, most of the
+    decoder's with outlier channels in fp32 beside them, the LM head with its 16 largest
+    logits recomputed in fp32 instead."""
     out, res = real_quantized[precision]
     products = json.loads((out / "manifest.json").read_text())["quantized"]["products"]
     assert "/lm_head/MatMulNBits" in products and len(products) >= 18 * 4 + 1  # 4+ per layer, the head
     assert {p["accuracy_level"] for p in products.values()} == {4}
-    assert products["/lm_head/MatMulNBits"]["outlier_channels"] > 0
+    head = products.pop("/lm_head/MatMulNBits")
+    assert head["exact_top_k"] == 16 and head["outlier_channels"] == 0
     assert sum(p["outlier_channels"] > 0 for p in products.values()) > len(products) // 2
 
 
