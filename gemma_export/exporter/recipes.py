@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 from gemma_export.contract import (
     CPU_MODEL_FILE, MODEL_FILE, PORTABLE_MODEL_FILE, KVLayout, Precision, io_spec,
 )
-from gemma_export.errors import UsageError
+from gemma_export.errors import ExportError, UsageError
 from gemma_export.exporter import narrow
 from gemma_export.exporter.optimize import Optimized, fill_from, optimize_graph
 from gemma_export.exporter.quantize import (
@@ -193,6 +193,8 @@ class IntegerRecipe(_WithParams):
             from gemma_export.exporter.rewrites.exact_head import exact_top_k
 
             summary["exact_top_k"] = exact_top_k(Graph(proto), self.params.exact_top_k)
+            if not summary["exact_top_k"]:  # quantize_graph made the head, so this is our bug
+                raise ExportError("the quantized LM head was not found for its exact top-k rewrite")
         if outliers:
             from gemma_export.exporter.rewrites import Graph
             from gemma_export.exporter.rewrites.outlier_channels import split_outlier_channels

@@ -18,6 +18,7 @@ from gemma_export.exporter.pipeline import quantize_artifact
 from gemma_export.exporter.verify import onnx_teacher_forced
 from gemma_export.exporter.rewrites import MS_DOMAIN, Graph
 from gemma_export.exporter.rewrites.exact_head import HEAD_NODE, exact_top_k
+from gemma_export.runtime.manifest import sha256_file
 from gemma_export.runtime.session import DecoderSession
 
 V, H, BS = 300, 64, 16
@@ -88,21 +89,30 @@ def test_k_is_capped_at_the_vocabulary_and_a_graph_without_the_head_is_left_alon
 
 
 def _fp32_head(src, dst):
-    """A copy of the artifact whose LM head runs at accuracy_level 0 (fp32 activations)."""
+    """A copy of the artifact without the rewrite, its LM head at accuracy_level 0 (fp32
+    activations): the reference the exact top-k must reproduce."""
     shutil.copytree(src, dst)
     for f in dst.glob("*.onnx"):
         m = onnx.load(str(f), load_external_data=False)
-        for n in m.graph.node:
-            if n.name == HEAD_NODE:
-                for a in n.attribute:
-                    if a.name == "accuracy_level":
-                        a.i = 0
+        added = [n for n in m.graph.node if n.name.startswith("/lm_head/Exact")]
+        assert len(added) == 7, f.name
+        logits = next(n for n in added if n.op_type == "ScatterElements").output[0]
+        kept = [n for n in m.graph.node if not n.name.startswith("/lm_head/Exact")]
+        head = next(n for n in kept if n.name == HEAD_NODE)
+        head.output[0] = logits
+        next(a for a in head.attribute if a.name == "accuracy_level").i = 0
+        del m.graph.node[:]
+        m.graph.node.extend(kept)
         onnx.save(m, str(f))
+    manifest = json.loads((dst / "manifest.json").read_text())  # the graphs' new sizes and hashes
+    for name, entry in manifest["files"].items():
+        entry.update(size=(dst / name).stat().st_size, sha256=sha256_file(dst / name))
+    (dst / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_int8_artifact_argmax_is_the_fp32_heads(tiny_artifacts, tmp_path):
     """Through quantize, fusions and the shared cache: every position's argmax and its
-    logit are what the same graph with an fp32-compute head gives."""
+    logit are what the same graph gives without the rewrite and with an fp32-compute head."""
     out = tmp_path / "int8"
     quantize_artifact(tiny_artifacts["tiny-gemma3"][0], out, precision="int8", verify=False)
     products = json.loads((out / "manifest.json").read_text())["quantized"]["products"]

@@ -28,6 +28,7 @@ EXACT_TOP_K = "lm_head.exact_top_k"  # the k, as an initializer (quantize.produc
 
 
 def exact_top_k(g: Graph, k: int) -> int:
+    """Rewrite the LM head of `g` (see the module doc); the k used, 0 if there is no head."""
     head = next((n for n in g.g.node if n.op_type == "MatMulNBits" and n.name == HEAD_NODE), None)
     if head is None:
         return 0
@@ -64,4 +65,3 @@ def exact_top_k(g: Graph, k: int) -> int:
     g.g.node.extend(out)
     g.refresh()
     return k
-
