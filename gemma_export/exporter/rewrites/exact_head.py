@@ -18,10 +18,9 @@ vocabulary), or 0 when the graph has no such head.
 
 from __future__ import annotations
 
-import numpy as np
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, add_initializer
+from gemma_export.exporter.rewrites import MS_DOMAIN, Graph, insert_after, int64_initializer
 
 HEAD_NODE = "/lm_head/MatMulNBits"
 EXACT_TOP_K = "lm_head.exact_top_k"  # the k, as an initializer (quantize.product_table reads it)
@@ -41,10 +40,11 @@ def exact_top_k(g: Graph, k: int) -> int:
     rounded, top, ids, rows4, rows, col, exact3, exact = (
         f"{logits}/{t}" for t in ("rounded", "top_values", "top_ids", "rows_blocks", "rows", "h_column",
                                   "exact_column", "exact"))
-    k_name = add_initializer(g, numpy_helper.from_array(np.array([k], np.int64), EXACT_TOP_K))
-    rows_shape = add_initializer(g, numpy_helper.from_array(np.array([0, 0, -1], np.int64), "lm_head.exact_rows_shape"))
-    last = add_initializer(g, numpy_helper.from_array(np.array([-1], np.int64), "lm_head.exact_last_axis"))
+    k_name = int64_initializer(g, EXACT_TOP_K, [k], [1])
+    rows_shape = int64_initializer(g, "lm_head.exact_rows_shape", [0, 0, -1], [3])
+    last = int64_initializer(g, "lm_head.exact_last_axis", [-1], [1])
     head.output[0] = rounded
+    g.refresh()  # `rounded` now has its producer, the head
     nodes = [
         helper.make_node("TopK", [rounded, k_name], [top, ids], name="/lm_head/ExactTopK", axis=-1),
         helper.make_node("GatherBlockQuantized", [gather.input[0], ids, *gather.input[2:]], [rows4],
@@ -56,12 +56,5 @@ def exact_top_k(g: Graph, k: int) -> int:
         helper.make_node("Squeeze", [exact3, last], [exact], name="/lm_head/ExactSqueeze"),
         helper.make_node("ScatterElements", [rounded, ids, exact], [logits], name="/lm_head/ExactScatter", axis=-1),
     ]
-    out = []
-    for n in g.g.node:
-        out.append(n)
-        if n is head:
-            out += nodes
-    del g.g.node[:]
-    g.g.node.extend(out)
-    g.refresh()
+    insert_after(g, nodes, rounded)
     return k
